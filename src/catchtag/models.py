@@ -228,8 +228,18 @@ def _write_cache(folder: Path, model, tokenizer) -> None:
         raise
 
 
+def _quiet_transformers() -> None:
+    """No per-tensor progress bars or advisory logs from transformers: the book shows our own."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
 def _load_hf(source, dtype, attn_implementation, trust_remote_code, **kw):
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _quiet_transformers()
 
     tok = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **kw)
     model = AutoModelForCausalLM.from_pretrained(
@@ -308,7 +318,7 @@ def load_model(
         spec = REGISTRY[name]
         hf, tok, digest = load_offline_hf(name, dtype, attn_implementation, use_cache)
         return _wrap(name, hf, tok, spec.qk_norm, digest, source=str(spec.gguf_path()))
-    if "/" not in name:
+    if "/" not in name and not os.path.isdir(name):
         raise CatchtagError(_unknown_model_message(name))
     return _load_hub(name, dtype, attn_implementation, remote, trust_remote_code)
 
@@ -323,10 +333,20 @@ def _unknown_model_message(name) -> str:
 def _load_hub(name, dtype, attn_implementation, remote, trust_remote_code) -> Model:
     from nnsight import TransformersModel
 
+    _quiet_transformers()
+    local_only = os.path.isdir(name) or _cached_on_disk(name)
+    if not local_only and not _hub_reachable():
+        raise CatchtagError(
+            f"model {name!r} is not in the local Hugging Face cache and the hub cannot be reached "
+            f"from here; download it on a connected machine first, or use an offline model: "
+            f"{', '.join(REGISTRY)}"
+        )
     try:
         from transformers import AutoConfig
 
-        config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
+        config = AutoConfig.from_pretrained(
+            name, trust_remote_code=trust_remote_code, local_files_only=local_only
+        )
     except OSError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CatchtagError(
@@ -350,6 +370,30 @@ def _load_hub(name, dtype, attn_implementation, remote, trust_remote_code) -> Mo
         lm = None
     qk = _has_qk_norm(hf)
     return _wrap(name, hf, tok, qk, None, source=name, lm=lm)
+
+
+def _cached_on_disk(name: str) -> bool:
+    """True when the hub id's config is already in the local Hugging Face cache."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(name, "config.json"), str)
+    except Exception:  # an id the hub library rejects is not cached either
+        return False
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """One quick connection attempt, so an offline machine gets an answer now, not after retries."""
+    import socket
+
+    if os.environ.get("HF_HUB_OFFLINE") not in (None, "", "0"):
+        return False
+    host = os.environ.get("HF_ENDPOINT", "https://huggingface.co").split("://")[-1].split("/")[0]
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
 
 
 def _check_causal(name, config) -> None:

@@ -236,7 +236,7 @@ def head_table(stats: Sequence[SinkStats], eps: float = DEFAULT_EPS) -> pd.DataF
                     dict(
                         prompt=p, layer=layer, head=h, n_sinks=n, first_sink=first,
                         n_other=n - int(first),
-                        caught_share=float((caught[li, h, 1:] >= 0).float().mean()) if st.received.shape[-1] > 1 else 0.0,
+                        caught_share=float((caught[li, h, 1:] >= 0).double().mean()) if st.received.shape[-1] > 1 else 0.0,
                         min_row_sum=float(st.row_sum[li, h].min()),
                     )
                 )

@@ -1,0 +1,140 @@
+"""Command line: `python -m catchtag <command> ...` (`--help` on every command).
+
+    python -m catchtag sinks --model smollm2-135m --text "The cat sat. The dog ran." --format table
+
+Bad input is answered with one line on stderr and exit status 2; nothing is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .errors import CatchtagError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports bad usage in one line (exit 2), like every other error here."""
+
+    def error(self, message):
+        raise CatchtagError(f"{self.prog}: {message} (see --help)")
+
+
+def _eps(text: str) -> float:
+    from .sinks import check_eps
+
+    try:
+        return check_eps(float(text))
+    except ValueError:  # a non-number, or a number outside (0, 1)
+        raise argparse.ArgumentTypeError(f"{text!r} is not a threshold in (0, 1): use e.g. 0.2") from None
+
+
+def sinks_json(model, cap, stats, eps: float) -> dict:
+    """The `sinks` command's result: {model, eps, tokens, heads: [{layer, head, sinks: [...]}]}."""
+    sinks = stats.sinks(eps)
+    heads = []
+    for li, layer in enumerate(stats.layers):
+        for h in range(sinks.shape[1]):
+            positions = sinks[li, h].nonzero().flatten().tolist()
+            heads.append(
+                {
+                    "layer": layer,
+                    "head": h,
+                    "sinks": [
+                        {"position": k, "token": cap.tokens[k], "received": round(float(stats.received[li, h, k]), 6)}
+                        for k in positions
+                    ],
+                }
+            )
+    return {"model": model.name, "eps": eps, "tokens": cap.tokens, "heads": heads}
+
+
+def _format_table(result: dict) -> str:
+    lines = [f"model {result['model']}  eps {result['eps']}  tokens {len(result['tokens'])}"]
+    lines.append(f"{'layer':>5} {'head':>4}  sinks (position 'token' received)")
+    for head in result["heads"]:
+        if not head["sinks"]:
+            continue
+        cells = "  ".join(f"{s['position']} {s['token']!r} {s['received']:.3f}" for s in head["sinks"])
+        lines.append(f"{head['layer']:>5} {head['head']:>4}  {cells}")
+    n = sum(len(h["sinks"]) for h in result["heads"])
+    lines.append(f"{n} sinks over {len(result['heads'])} heads ({n / max(len(result['heads']), 1):.3f} per head)")
+    return "\n".join(lines)
+
+
+def cmd_sinks(args) -> int:
+    from .capture import capture
+    from .models import load_model
+    from .sinks import sink_stats
+
+    text = args.text
+    if text is None and args.file:
+        try:
+            with open(args.file, encoding="utf-8") as fh:
+                text = fh.read()
+        except OSError as exc:
+            raise CatchtagError(f"cannot read --file {args.file!r}: {exc.strerror}") from None
+    if text is None or not text.strip():
+        raise CatchtagError("the text is empty: pass --text 'some words' or --file PATH")
+    model = load_model(args.model, remote=args.remote, trust_remote_code=args.trust_remote_code)
+    layers = None
+    if args.layer is not None:
+        model.check_layer_head(args.layer)
+        layers = [args.layer]
+    cap = capture(model, text, layers=layers, resid=False, remote=args.remote, progress=False)[0]
+    stats = sink_stats(cap)
+    result = sinks_json(model, cap, stats, args.eps)
+    out = json.dumps(result, ensure_ascii=False, indent=1) if args.format == "json" else _format_table(result)
+    print(out)
+    return 0
+
+
+def _remote(text: str):
+    return {"false": False, "true": True, "local": "local"}.get(text.lower(), text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .models import DEFAULT_MODEL, REGISTRY
+
+    parser = _Parser(prog="python -m catchtag", description="Attention sinks: catch, tag, release (arXiv 2502.00919).")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    p = sub.add_parser(
+        "sinks",
+        help="list the attention sinks of every head for a text",
+        description="List the attention sinks of every head: keys whose received attention (mean "
+        "attention from the queries that can see them) exceeds eps. Keys seen by fewer than 5 "
+        "queries are never sinks.",
+    )
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"registry name ({', '.join(REGISTRY)}) or a Hugging Face id (default {DEFAULT_MODEL})")
+    p.add_argument("--text", help="the prompt")
+    p.add_argument("--file", help="read the prompt from this file instead of --text")
+    p.add_argument("--eps", type=_eps, default=0.2, help="sink threshold in (0, 1) (default 0.2, the paper's)")
+    p.add_argument("--layer", type=int, help="only this layer")
+    p.add_argument("--format", choices=("json", "table"), default="json", help="output format (default json)")
+    p.add_argument("--remote", type=_remote, default=False, choices=(False, True, "local"),
+                   help="false (here), true (NDIF; key from NDIF_API_KEY), local (dry run of the remote path)")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow a hub model's own code to run (off by default)")
+    p.set_defaults(func=cmd_sinks)
+    return parser
+
+
+def main(argv=None) -> int:
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if not getattr(args, "func", None):
+            parser.print_help()
+            return 2
+        return args.func(args)
+    except CatchtagError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

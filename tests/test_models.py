@@ -1,0 +1,98 @@
+"""The model registry, the converted-GGUF cache, and clear errors for bad model input."""
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from catchtag import models
+from catchtag.errors import CatchtagError
+from catchtag.models import REGISTRY, cache_entry_valid, load_model
+
+
+def test_unknown_name_lists_the_registry():
+    with pytest.raises(CatchtagError) as info:
+        load_model("smollm-9000")
+    message = str(info.value)
+    assert "\n" not in message
+    for name in REGISTRY:
+        assert name in message
+
+
+def test_hub_id_without_network_fails_fast(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(CatchtagError, match="not in the local Hugging Face cache"):
+        load_model("someone/not-a-cached-model")
+
+
+def test_encoder_model_is_refused(tmp_path):
+    from transformers import BertConfig, BertModel
+
+    cfg = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+    BertModel(cfg).save_pretrained(tmp_path / "bert")
+    with pytest.raises(CatchtagError, match="not a causal language model"):
+        load_model(str(tmp_path / "bert"))
+
+
+def test_bad_dtype_and_remote():
+    with pytest.raises(CatchtagError, match="dtype"):
+        load_model("smollm2-135m", dtype="int3")
+    with pytest.raises(CatchtagError, match="remote"):
+        load_model("smollm2-135m", remote="yes")
+    with pytest.raises(CatchtagError, match="NDIF does not host"):
+        import os
+
+        os.environ["NDIF_API_KEY"] = "dummy-key-for-test"
+        try:
+            load_model("smollm2-135m", remote=True)
+        finally:
+            del os.environ["NDIF_API_KEY"]
+
+
+def test_corrupt_gguf_is_refused(monkeypatch):
+    spec = dataclasses.replace(REGISTRY["smollm2-135m"], sha256="0" * 64)
+    monkeypatch.setitem(REGISTRY, "smollm2-135m", spec)
+    with pytest.raises(CatchtagError, match="corrupt or truncated"):
+        load_model("smollm2-135m")
+
+
+def test_missing_model_package_names_the_install(monkeypatch):
+    spec = dataclasses.replace(REGISTRY["smollm2-135m"], package="not-installed-model-pkg")
+    monkeypatch.setitem(REGISTRY, "smollm2-135m", spec)
+    with pytest.raises(CatchtagError, match="pip install"):
+        load_model("smollm2-135m")
+
+
+@pytest.mark.slow
+def test_cache_is_written_then_corrupt_entry_rebuilt(monkeypatch, tmp_path):
+    """First load converts the GGUF file and writes a cache entry; a damaged entry is detected and
+    rebuilt, and the rebuilt model gives the same logits."""
+    monkeypatch.setenv("CATCHTAG_CACHE", str(tmp_path))
+    sha = REGISTRY["smollm2-135m"].sha256
+    entry = models.cache_dir_for(sha)
+    assert not entry.exists()
+    m1 = load_model("smollm2-135m")
+    assert cache_entry_valid(entry)
+    manifest = json.loads((entry / "catchtag-manifest.json").read_text())
+    assert "model.safetensors" in manifest["files"]
+    ids = torch.tensor([m1.tokenize("Hello world, this is a test.")])
+    with torch.no_grad():
+        ref = m1.hf(ids).logits
+    # Damage the weights without changing their size: only the hash can tell.
+    weights = entry / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2 : len(data) // 2 + 64] = bytes(64)
+    weights.write_bytes(bytes(data))
+    assert not cache_entry_valid(entry)
+    m2 = load_model("smollm2-135m")  # rebuilt from the GGUF file
+    assert cache_entry_valid(entry)
+    with torch.no_grad():
+        assert torch.allclose(m2.hf(ids).logits, ref, atol=1e-5)
+    # A cached load gives the same logits as well.
+    m3 = load_model("smollm2-135m")
+    with torch.no_grad():
+        assert torch.allclose(m3.hf(ids).logits, ref, atol=1e-5)
+    # A half-written entry (no manifest) is never used.
+    (entry / "catchtag-manifest.json").unlink()
+    assert not cache_entry_valid(entry)
