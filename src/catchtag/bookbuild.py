@@ -110,6 +110,8 @@ def execute(name: str, params: dict, force: bool = False) -> tuple[Path, float, 
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     nbformat.write(nb, raw)
     tmp = out.with_suffix(".partial.ipynb")
+    # Progress bars are for readers who rerun a chapter; in the rendered book they are noise.
+    os.environ["TQDM_DISABLE"] = "1"
     start = time.time()
     try:
         pm.execute_notebook(

@@ -271,3 +271,53 @@ def eps_sweep(stats: Sequence[SinkStats], eps_values: Iterable[float]) -> pd.Dat
             )
         )
     return pd.DataFrame(rows)
+
+
+# --------------------------------------------------------------------------------------------------
+# Which sink catches which sentence (the paper's teaser)
+
+
+def token_spans(tokens: Sequence[str], text: str) -> list[tuple[int, int]]:
+    """Character span of each token in `text`; tokens not in the text (<bos>) get an empty span."""
+    spans, cursor = [], 0
+    for tok in tokens:
+        at = text.find(tok, cursor) if tok else -1
+        if tok and at == cursor:
+            spans.append((at, at + len(tok)))
+            cursor = at + len(tok)
+        else:
+            spans.append((cursor, cursor))
+    return spans
+
+
+def groups_from_spans(tokens: Sequence[str], text: str, char_spans) -> list[list[int]]:
+    """Token positions inside each character span (a token belongs where its first char falls)."""
+    tspans = token_spans(tokens, text)
+    return [[i for i, (a, b) in enumerate(tspans) if b > a and lo <= a < hi] for lo, hi in char_spans]
+
+
+def segment_heads(stats: SinkStats, groups: Sequence[Sequence[int]], eps: float = DEFAULT_EPS) -> pd.DataFrame:
+    """For each head: the sink catching the most tokens of each group, the share it catches, and
+    whether the head `separates` the groups (each group's majority sink catches more than half its
+    tokens, and the groups' majority sinks are all different). Groups are lists of positions; a
+    group's own sink (its first token, when it is a sink) is left out of its count."""
+    caught = stats.caught(eps)
+    rows = []
+    for li, layer in enumerate(stats.layers):
+        for h in range(caught.shape[1]):
+            row = dict(layer=layer, head=h)
+            majors = []
+            for g, positions in enumerate(groups):
+                c = caught[li, h, list(positions)]
+                c = c[c != torch.tensor(list(positions))]  # a sink does not catch itself
+                values, counts = torch.unique(c[c >= 0], return_counts=True)
+                if len(values):
+                    best = int(values[counts.argmax()])
+                    share = float(counts.max()) / max(len(positions), 1)
+                else:
+                    best, share = -1, 0.0
+                row[f"sink_{g}"], row[f"share_{g}"] = best, share
+                majors.append((best, share))
+            row["separates"] = all(b >= 0 and s > 0.5 for b, s in majors) and len({b for b, _ in majors}) == len(majors)
+            rows.append(row)
+    return pd.DataFrame(rows)
