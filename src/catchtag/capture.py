@@ -110,7 +110,7 @@ def capture(
     One prompt per forward pass, so no padding ever enters an attention map. `layers` restricts
     which layers' attention inputs are kept (default: all). `remote` is passed to nnsight's trace.
     """
-    from tqdm.auto import tqdm
+    from .report import progress as progress_bar
 
     if isinstance(prompts, str):
         prompts = [prompts]
@@ -122,7 +122,7 @@ def capture(
     kwargs = trace_kwargs(remote)
     op = _attention_op_name(model)
     out = []
-    bar = tqdm(prompts, desc=f"capture {model.name}", disable=not progress or len(prompts) < 2, leave=False)
+    bar = progress_bar(prompts, f"capture {model.name}", enabled=progress and len(prompts) > 1)
     for text in bar:
         ids = tokenize(model, text)
         out.append(_capture_one(model, text, ids, layers, resid, logits, kwargs, op))

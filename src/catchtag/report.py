@@ -14,6 +14,15 @@ import tempfile
 from pathlib import Path
 
 
+def progress(iterable, desc: str = "", total: int | None = None, enabled: bool = True, **kw):
+    """A tqdm progress bar, off when `enabled` is False or TQDM_DISABLE is set (the book build sets
+    it: progress bars are for readers who rerun a chapter, not for the rendered page)."""
+    from tqdm.auto import tqdm
+
+    off = not enabled or os.environ.get("TQDM_DISABLE", "") not in ("", "0")
+    return tqdm(iterable, desc=desc, total=total, disable=off, leave=False, **kw)
+
+
 def fmt(value, spec: str = "") -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "n/a"
@@ -21,13 +30,11 @@ def fmt(value, spec: str = "") -> str:
 
 
 def glue_text(name: str, value, spec: str = "") -> str:
-    """Glue `value` formatted with `spec` as inline markdown under `name`; returns the text."""
+    """Glue `value` formatted with `spec` as inline markdown under `name`."""
     from IPython.display import Markdown
     from myst_nb import glue
 
-    text = fmt(value, spec)
-    glue(name, Markdown(text), display=False)
-    return text
+    glue(name, Markdown(fmt(value, spec)), display=False)
 
 
 def write_json_atomic(path: str | os.PathLike, data) -> Path:
