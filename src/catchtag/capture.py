@@ -241,8 +241,23 @@ def attention_probs(ai: AttnInputs, queries: slice | None = None) -> torch.Tenso
 
 
 def o_proj_weight(model: Model, layer: int) -> torch.Tensor:
-    """W_O of a layer as (d_model, H * head_dim); head h's slice is columns h*dh:(h+1)*dh."""
-    return model.lm.model.layers[layer].self_attn.o_proj.weight.detach().float()
+    """W_O of a layer as (d_model, H * head_dim); head h's slice is columns h*dh:(h+1)*dh.
+
+    For a model loaded with remote=True the local module holds meta tensors only, so the output
+    projections of all layers are fetched from NDIF in one trace the first time and kept."""
+    weight = model.lm.model.layers[layer].self_attn.o_proj.weight
+    if weight.device.type != "meta":
+        return weight.detach().float()
+    cache = model.__dict__.setdefault("_o_proj_cache", {})
+    if not cache:
+        import nnsight
+
+        with torch.no_grad(), model.lm.trace(torch.tensor([[0]]), **trace_kwargs(model.remote)):
+            fetched = nnsight.save(
+                [model.lm.model.layers[l].self_attn.o_proj.weight for l in range(model.n_layers)]
+            )
+        cache.update({l: w.detach().float() for l, w in enumerate(fetched)})
+    return cache[layer]
 
 
 def head_outputs(model: Model, cap: Capture, layer: int) -> torch.Tensor:

@@ -135,6 +135,7 @@ class Model:
     qk_norm: bool
     file_sha256: str | None = None
     source: str = ""
+    remote: bool | str = False  # True: weights live on NDIF, the local module is on the meta device
 
     @property
     def hf(self):
@@ -369,7 +370,9 @@ def _load_hub(name, dtype, attn_implementation, remote, trust_remote_code) -> Mo
             hf, tok = _load_hf(name, _DTYPES[dtype], attn_implementation, trust_remote_code)
         lm = None
     qk = _has_qk_norm(hf)
-    return _wrap(name, hf, tok, qk, None, source=name, lm=lm)
+    model = _wrap(name, hf, tok, qk, None, source=name, lm=lm)
+    model.remote = remote
+    return model
 
 
 def _cached_on_disk(name: str) -> bool:
