@@ -332,8 +332,9 @@ def train(seed: int = 0, steps: int = 3000, progress: bool = False, **kwargs):
 
         steps_iter = range(tc.steps)
         if progress:
-            from tqdm.auto import tqdm
-            steps_iter = tqdm(steps_iter, desc=f"seed {seed}", leave=False)
+            from .report import progress as progress_bar
+
+            steps_iter = progress_bar(steps_iter, f"seed {seed}")
         for step in steps_iter:
             if step % tc.log_every == 0:
                 log(step)
