@@ -10,7 +10,7 @@ CH     ?=
 PARAMS ?=
 PYTEST_ARGS ?=
 
-.PHONY: help install book chapter test clean bench
+.PHONY: help install book chapter test clean bench check-book
 
 help:
 	@echo "make install              create .venv and install everything (pinned)"
@@ -18,6 +18,7 @@ help:
 	@echo "make chapter CH=sinks PARAMS='-p model gemma3-270m -p eps 0.3'"
 	@echo "                          rerun one chapter with other parameters, then rebuild the HTML"
 	@echo "make test                 run the test suite (unit tests and tests on the offline models)"
+	@echo "make check-book           open every page of _build/html in headless Chromium and check it"
 	@echo "make clean                remove build outputs (not the model cache)"
 
 install: $(STAMP)
@@ -42,6 +43,15 @@ chapter: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Browser check of the built book (run `make book` first): every page, image, internal link, cell
+# output, glued value, download/Colab link and the attention viewer; screenshots in _build/screenshots.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+check-book: $(STAMP)
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	    { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium chromium-driver; }
+	@$(PY) -c "import selenium" 2>/dev/null || $(PIP) install --quiet selenium==4.51.0
+	$(PY) tests/browser/check_book.py _build/html --screenshots _build/screenshots
 
 clean:
 	rm -rf _build

