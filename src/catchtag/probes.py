@@ -211,7 +211,7 @@ def collect_tag_features(
 ) -> TagFeatures:
     """One forward pass per prompt (`catchtag.capture.capture`, only `layers` kept), then the
     residual x and its tag component at `position` (default: the last token) for each layer."""
-    from tqdm.auto import tqdm
+    from .report import progress as progress_bar
 
     from .capture import capture
     from .sinks import check_eps, sink_stats
@@ -219,7 +219,7 @@ def collect_tag_features(
     eps = check_eps(eps)
     layers = sorted(set(int(l) for l in layers))
     out = {k: {l: [] for l in layers} for k in ("x", "tag", "rank", "heads", "first")}
-    bar = tqdm(prompts, desc=f"tags {model.name}", disable=not progress, leave=False)
+    bar = progress_bar(prompts, f"tags {model.name}", enabled=progress)
     for text in bar:
         cap = capture(model, [text], layers=layers, remote=remote, progress=False)[0]
         st = sink_stats(cap)
