@@ -67,13 +67,13 @@ class Capture:
         return len(self.tokens)
 
 
-def _repeat_kv(x: torch.Tensor, n_heads: int) -> torch.Tensor:
+def repeat_kv(x: torch.Tensor, n_heads: int) -> torch.Tensor:
     """(Hkv, T, d) -> (H, T, d): query head h reads kv head h // (H / Hkv), as transformers does."""
     rep = n_heads // x.shape[0]
     return x if rep == 1 else x.repeat_interleave(rep, dim=0)
 
 
-def _attention_op_name(model: Model) -> str:
+def attention_op_name(model: Model) -> str:
     names = [n for n in model.lm.model.layers[0].self_attn.source.names if n.startswith("attention_interface_")]
     if not names:
         raise CatchtagError(
@@ -120,7 +120,7 @@ def capture(
     for layer in layers:
         model.check_layer_head(layer)
     kwargs = trace_kwargs(remote)
-    op = _attention_op_name(model)
+    op = attention_op_name(model)
     out = []
     bar = progress_bar(prompts, f"capture {model.name}", enabled=progress and len(prompts) > 1)
     for text in bar:
@@ -167,9 +167,9 @@ def _capture_one(model, text, ids, layers, resid, want_logits, kwargs, op) -> Ca
             scaling = 1.0 / math.sqrt(q.shape[-1])
         attn_inputs[layer] = AttnInputs(
             q=q[0].float(),
-            k=_repeat_kv(k[0].float(), H),
-            v=_repeat_kv(v[0].float(), H),
-            mask=_mask_2d(mask, T),
+            k=repeat_kv(k[0].float(), H),
+            v=repeat_kv(v[0].float(), H),
+            mask=mask_2d(mask, T),
             scaling=float(scaling),
             sliding_window=int(window) if window else None,
             sink_logits=None if sinks is None else sinks.detach().float().reshape(-1),
@@ -190,7 +190,7 @@ def _capture_one(model, text, ids, layers, resid, want_logits, kwargs, op) -> Ca
     )
 
 
-def _mask_2d(mask, T: int) -> torch.Tensor | None:
+def mask_2d(mask, T: int) -> torch.Tensor | None:
     """The model's mask as a (T, T) additive float mask, or None when it passed none (causal)."""
     if mask is None:
         return None

@@ -1,0 +1,192 @@
+"""Tags, segments and explained variance on a tiny model with planted sinks (answers known), plus
+a fast sanity run on SmolLM2."""
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from catchtag.capture import capture, head_outputs
+from catchtag.errors import CatchtagError
+from catchtag.sinks import sink_stats
+from catchtag.tags import (
+    F_TAG_BOS,
+    F_TAG_DOT,
+    PLANTED_TEXT,
+    PROMPTS,
+    catch_by_layer,
+    ev_bands,
+    ev_grid,
+    explained_variance,
+    head_explained_variance,
+    head_tags,
+    orthonormal_basis,
+    pca_by_sink,
+    planted_model,
+    project,
+    prompts,
+    remove,
+    segment_table,
+    tag_cosines,
+    tag_vectors,
+    token_catch_summary,
+)
+
+DOT = 6  # position of "." in PLANTED_TEXT
+
+
+@pytest.fixture(scope="module")
+def planted():
+    m = planted_model()
+    cap = capture(m, PLANTED_TEXT, progress=False)[0]
+    return m, cap, sink_stats(cap)
+
+
+def _unit(x):
+    return x / x.norm()
+
+
+def test_planted_sinks_and_segments(planted):
+    m, cap, st = planted
+    assert cap.tokens[0] == "<s>" and cap.tokens[DOT] == "."
+    assert torch.nonzero(st.sinks(0.2)[0, 0]).flatten().tolist() == [0, DOT]
+    assert not st.sinks(0.2)[0, 1].any()  # the uniform head has no sink
+    caught = st.caught(0.2)[0, 0].tolist()
+    assert caught[1:DOT] == [0] * (DOT - 1)
+    assert caught[DOT + 1 :] == [DOT] * (len(caught) - DOT - 1)
+    seg = segment_table(st, 0.2)
+    seg0 = seg[(seg.layer == 0) & (seg["head"] == 0)]
+    assert seg0.position.tolist() == [0, DOT]
+    bos, dot = seg0.iloc[0], seg0.iloc[1]
+    assert bos.n_caught == DOT - 1 and dot.n_caught == len(caught) - DOT - 1
+    assert dot.n_runs == 1 and dot.longest_run == len(caught) - DOT - 1
+    assert bos.share == pytest.approx((DOT - 1) / (len(caught) - 2))  # "." is a sink, not visible
+    assert dot.kind == "punctuation" and bos.kind == "first"
+
+
+def test_catch_summaries(planted):
+    m, cap, st = planted
+    by = catch_by_layer([st], 0.2)
+    row = by[by.layer == 0].iloc[0]
+    assert row.caught_first + row.caught_other + row.not_caught == pytest.approx(1.0)
+    T = len(cap.tokens)
+    # layer 0: head 0 catches T-2 of the T-1 queries (the "." query is a sink), head 1 none
+    assert row.caught_first == pytest.approx((DOT - 1) / (2 * (T - 1)))
+    assert row.caught_other == pytest.approx((T - DOT - 1) / (2 * (T - 1)))
+    summ = token_catch_summary(st, 0.2, layers=[0])
+    modal = summ.modal_other_sink.tolist()
+    assert modal[DOT + 3] == DOT and modal[2] == -1
+
+
+def test_planted_tags_are_the_chosen_directions(planted):
+    m, cap, st = planted
+    t = tag_vectors(m, cap, 0, positions=[0, DOT])[0]  # head 0
+    e_bos = torch.zeros(16); e_bos[F_TAG_BOS] = 1
+    e_dot = torch.zeros(16); e_dot[F_TAG_DOT] = 1
+    assert float(_unit(t[0]) @ e_bos) == pytest.approx(1.0, abs=1e-6)
+    assert float(_unit(t[1]) @ e_dot) == pytest.approx(1.0, abs=1e-6)
+    ht = head_tags(m, cap, st, 0)[0]
+    assert ht["sinks"] == [0, DOT] and torch.allclose(ht["tags"], t)
+    # every caught token's head output is a mix of the two tags: EV = 1 (and 1 uncentred)
+    ev = head_explained_variance(m, cap, progress=False)
+    r = ev[(ev.layer == 0) & (ev["head"] == 0)].iloc[0]
+    assert r.ev == pytest.approx(1.0, abs=1e-9) and r.ev_raw == pytest.approx(1.0, abs=1e-9)
+    assert r.n_tags == 2 and r.n_caught == len(cap.tokens) - 2
+    assert ev[(ev.layer == 0) & (ev["head"] == 1)].ev.isna().all()  # no sink, no EV
+
+
+def test_tag_cosines_separate_caught_tokens(planted):
+    m, cap, st = planted
+    tc = tag_cosines(m, cap, st, 0, heads=[0])
+    dot = tc[tc.sink == DOT]
+    assert dot[dot.caught].cos.min() > 0.99
+    bos = tc[tc.sink == 0]
+    assert bos[bos.caught].cos.min() > 0.99
+    assert bos[~bos.caught].cos.max() < 0.2  # tokens after "." point along the "." tag instead
+
+
+def test_head_ev_matches_a_direct_computation():
+    """Perturb the planted head so its outputs leave the tag plane; compare with a hand computation."""
+    m = planted_model(sink_strength=0.2)  # weaker sinks: more of each output comes from other tokens
+    with torch.no_grad():  # head 0 also reads noise dimension 8 and writes it on residual dim 6
+        m.hf.model.layers[0].self_attn.v_proj.weight[2, 8] = 4.0
+        m.hf.model.layers[0].self_attn.o_proj.weight[6, 2] = 5.0
+    texts = [PLANTED_TEXT, "<s> b c a d . e f a b c d e f a b c d e f a b"]
+    caps = capture(m, texts, progress=False)
+    sts = [sink_stats(c) for c in caps]
+    table = head_explained_variance(m, caps, stats=sts, per_prompt=True, progress=False)
+    pooled = head_explained_variance(m, caps, stats=sts, progress=False)
+    nums, dens = [], []
+    for p, (cap, st) in enumerate(zip(caps, sts)):
+        o = head_outputs(m, cap, 0)[0].double()
+        sinks = torch.nonzero(st.sinks(0.2)[0, 0]).flatten()
+        caught = st.caught(0.2)[0, 0]
+        members = [i for i in range(len(cap.tokens)) if caught[i] >= 0 and i not in sinks.tolist()]
+        H = o[members] - o[members].mean(0)
+        Q, _ = torch.linalg.qr(tag_vectors(m, cap, 0, sinks.tolist())[0].double().T)
+        num, den = float(((H @ Q) ** 2).sum()), float((H**2).sum())
+        got = table[(table.prompt == p) & (table.layer == 0) & (table["head"] == 0)].ev.item()
+        assert got == pytest.approx(num / den, rel=1e-9)
+        assert 0.05 < got < 0.95
+        nums.append(num); dens.append(den)
+    r = pooled[(pooled.layer == 0) & (pooled["head"] == 0)].iloc[0]
+    assert r.ev == pytest.approx(sum(nums) / sum(dens), rel=1e-9)
+    assert r.n_prompts == 2 and r.ev <= r.ev_pca + 1e-12
+
+
+def test_explained_variance_basics():
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(4000, 20, generator=g, dtype=torch.float64)
+    B = orthonormal_basis(torch.randn(3, 20, generator=g))
+    assert B.shape == (20, 3)
+    assert explained_variance(X, B) == pytest.approx(3 / 20, abs=0.02)  # isotropic: r / d
+    assert explained_variance(X, orthonormal_basis(torch.eye(20))) == pytest.approx(1.0)
+    assert math.isnan(explained_variance(X[:1], B))
+    x = torch.randn(5, 20, generator=g, dtype=torch.float64)
+    assert torch.allclose(project(x, B) + remove(x, B), x)
+    assert orthonormal_basis(torch.stack([X[0], 2 * X[0]])).shape[1] == 1  # rank, not count
+
+
+def test_ev_bands_and_grid_by_hand():
+    t = pd.DataFrame(dict(layer=[0, 0, 1, 1], head=[0, 1, 0, 1], ev=[0.1, 0.3, 0.75, np.nan]))
+    b = ev_bands(t)
+    assert b["n_heads"] == 3 and b["below_20"] == pytest.approx(1 / 3)
+    assert b["from_20_to_40"] == pytest.approx(1 / 3) and b["above_70"] == pytest.approx(1 / 3)
+    g = ev_grid(t)
+    assert g.shape == (2, 2) and np.isnan(g[1, 1]) and g[0, 1] == 0.3
+
+
+def test_pca_by_sink_shapes(planted):
+    m, cap, st = planted
+    p = pca_by_sink(m, cap, st, 0, 0)
+    n = len(cap.tokens) - 2
+    assert p["xy"].shape == (n, 2) and len(p["label"]) == n and p["tag_xy"].shape == (2, 2)
+    assert p["explained"] == pytest.approx(1.0, abs=1e-9)
+
+
+def test_prompts():
+    assert len(prompts()) == len(PROMPTS) >= 12
+    assert prompts(3) == PROMPTS[:3]
+    assert prompts(4, seed=1) == prompts(4, seed=1) and set(prompts(len(PROMPTS), seed=2)) == set(PROMPTS)
+    assert all(sum(p.count(c) for c in ".?!\n") >= 2 for p in PROMPTS)
+    with pytest.raises(CatchtagError):
+        prompts(0)
+    with pytest.raises(CatchtagError):
+        prompts(len(PROMPTS) + 1)
+
+
+def test_smollm_tags_and_ev_are_sane(smollm):
+    caps = capture(smollm, prompts(2), layers=[0, 3, 10, 20], resid=False, progress=False)
+    sts = [sink_stats(c) for c in caps]
+    ev = head_explained_variance(smollm, caps, stats=sts, progress=False)
+    assert len(ev) == 4 * smollm.n_heads
+    ok = ev.dropna(subset=["ev"])
+    assert len(ok) > 10  # most heads have a sink
+    assert ((ok.ev >= 0) & (ok.ev <= 1 + 1e-9)).all()
+    assert (ok.ev <= ok.ev_pca + 1e-9).all()  # no k-dim subspace beats the top-k PCs
+    # far above what random n_tags-dim subspaces explain (n_tags / d_model, well under 1%)
+    assert ok.ev.median() > 10 * (ok.n_tags / smollm.d_model).median()
+    tc = tag_cosines(smollm, caps[0], sts[0], 10)
+    assert tc[tc.caught].cos.mean() > tc[~tc.caught].cos.mean()
