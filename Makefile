@@ -19,6 +19,7 @@ help:
 	@echo "                          rerun one chapter with other parameters, then rebuild the HTML"
 	@echo "make test                 run the test suite (unit tests and tests on the offline models)"
 	@echo "make check-book           open every page of _build/html in headless Chromium and check it"
+	@echo "make bench                time and memory of the sink census at T = 256, 1024, 2048 (ratios)"
 	@echo "make clean                remove build outputs (not the model cache)"
 
 install: $(STAMP)
@@ -54,6 +55,11 @@ check-book: $(STAMP)
 	    { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium chromium-driver; }
 	@$(PY) -c "import selenium" 2>/dev/null || $(PIP) install --quiet selenium==4.51.0
 	$(PY) tests/browser/check_book.py _build/html --screenshots _build/screenshots
+
+bench: $(STAMP)
+	@for n in 256 1024 2048; do \
+	    $(PY) -m catchtag bench --seq-len $$n --format table $(BENCH_ARGS) || exit $$?; echo; \
+	done
 
 clean:
 	rm -rf _build

@@ -135,7 +135,10 @@ def _capture_one(model, text, ids, layers, resid, want_logits, kwargs, op) -> Ca
     lm = model.lm
     wanted = set(layers)
     last = max(layers) if not resid and not want_logits else model.n_layers - 1
-    with torch.no_grad(), lm.trace(ids[None, :], **kwargs):
+    # Locally, nothing after the last wanted layer's attention inputs is needed without residuals
+    # or logits: stop the forward pass there (no later layers, no T x vocab logits).
+    stop_early = not resid and not want_logits and not kwargs
+    with torch.no_grad(), lm.trace(ids[None, :], **kwargs) as tracer:
         saved = nnsight.save([])
         resids = nnsight.save([])
         for layer in range(last + 1):
@@ -159,10 +162,15 @@ def _capture_one(model, text, ids, layers, resid, want_logits, kwargs, op) -> Ca
                 resids.append(h[0] if isinstance(h, tuple) else h)
         if want_logits:
             lg = nnsight.save(lm.lm_head.output)
+        if stop_early:
+            tracer.stop()
     H = model.n_heads
     T = len(ids)
     attn_inputs = {}
-    for layer, (q, k, v, mask, scaling, window, sinks, softcap) in zip(layers, saved):
+    saved = list(saved)[::-1]
+    for layer in layers:
+        # pop, so each layer's un-repeated k and v are freed as soon as they are repeated
+        q, k, v, mask, scaling, window, sinks, softcap = saved.pop()
         if scaling is None:
             scaling = 1.0 / math.sqrt(q.shape[-1])
         attn_inputs[layer] = AttnInputs(

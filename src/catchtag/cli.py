@@ -1,6 +1,7 @@
 """Command line: `python -m catchtag <command> ...` (`--help` on every command).
 
     python -m catchtag sinks --model smollm2-135m --text "The cat sat. The dog ran." --format table
+    python -m catchtag bench --model smollm2-135m --seq-len 2048 --format table
 
 Bad input is answered with one line on stderr and exit status 2; nothing is written.
 """
@@ -90,6 +91,25 @@ def cmd_sinks(args) -> int:
     return 0
 
 
+def _seq_len(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 8:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a token count: use a whole number >= 8, e.g. 2048")
+    return value
+
+
+def cmd_bench(args) -> int:
+    from .bench import format_table, run_bench
+
+    say = (lambda msg: print(msg, file=sys.stderr, flush=True)) if args.format == "table" else None
+    result = run_bench(args.model, args.seq_len, cold_load=not args.no_cold_load, repeat=args.repeat, progress=say)
+    print(json.dumps(result, indent=1) if args.format == "json" else format_table(result))
+    return 0
+
+
 def _remote(text: str):
     return {"false": False, "true": True, "local": "local"}.get(text.lower(), text)
 
@@ -117,6 +137,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="false (here), true (NDIF; key from NDIF_API_KEY), local (dry run of the remote path)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow a hub model's own code to run (off by default)")
     p.set_defaults(func=cmd_sinks)
+    b = sub.add_parser(
+        "bench",
+        help="time and memory of the sink census: sdpa forward, naive (full maps), streaming",
+        description="Measure, on one input of --seq-len tokens: a plain sdpa forward, the naive census "
+        "(eager attention with output_attentions=True, then sinks from the full maps), catchtag's "
+        "streaming census (capture + sink_stats), their seconds and peak extra memory (RSS, MiB), the "
+        "largest difference of received attention between the two censuses, and a cold (GGUF "
+        "conversion into a fresh cache) and a cached model load. Each measurement runs in its own "
+        "process.",
+    )
+    b.add_argument("--model", default=DEFAULT_MODEL, help=f"registry name ({', '.join(REGISTRY)}) (default {DEFAULT_MODEL})")
+    b.add_argument("--seq-len", type=_seq_len, default=2048, help="input length in tokens (default 2048)")
+    b.add_argument("--format", choices=("json", "table"), default="json", help="output format (default json)")
+    b.add_argument("--repeat", type=int, choices=range(1, 11), default=1, metavar="N",
+                   help="timed passes per measurement, fastest kept (default 1)")
+    b.add_argument("--no-cold-load", action="store_true", help="skip the cold load (GGUF conversion, ~20-60 s)")
+    b.set_defaults(func=cmd_bench)
     return parser
 
 

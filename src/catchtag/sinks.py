@@ -26,6 +26,8 @@ computes the same numbers from a full (H, T, T) matrix, for tests and hand-made 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
 import unicodedata
 from typing import Iterable, Sequence
 
@@ -101,20 +103,90 @@ def stats_from_probs(A: torch.Tensor, min_queries: int = MIN_QUERIES) -> HeadSta
     return _finish(A.sum(dim=1), A.sum(dim=-1), key, value, min_queries)
 
 
-def stats_streaming(ai: AttnInputs, min_queries: int = MIN_QUERIES, chunk: int = 256) -> HeadStats:
-    """HeadStats of one layer computed `chunk` queries at a time: memory H x chunk x T, not H x T x T."""
+def _key_range(ai: AttnInputs, start: int, stop: int) -> tuple[int, int]:
+    """Keys [lo, hi) that at least one of the queries start..stop-1 can see; the others get 0."""
+    T = ai.n_tokens
+    if ai.mask is not None:
+        seen = torch.isfinite(ai.mask[start:stop]).any(dim=0).nonzero()
+        if len(seen) == 0:
+            return 0, T
+        return int(seen[0]), int(seen[-1]) + 1
+    lo = max(0, start - ai.sliding_window + 1) if ai.sliding_window else 0
+    return lo, stop
+
+
+@functools.lru_cache(maxsize=4)
+def _upper_mask(size: int) -> torch.Tensor:
+    return torch.zeros(size, size).masked_fill_(torch.ones(size, size, dtype=torch.bool).triu(1), float("-inf"))
+
+
+def _probs_block(ai: AttnInputs, start: int, stop: int, lo: int, hi: int, upper=None) -> torch.Tensor:
+    """attention_probs(ai, slice(start, stop))[..., lo:hi], without computing the keys outside
+    [lo, hi) (they are masked for every query of the block, so their probability is 0). The same
+    operations as `attention_logits`, done in place. `upper`: a (chunk, chunk) strictly upper-triangular bool matrix, so that a
+    plain causal mask touches only the block's diagonal square."""
+    q = ai.q[:, start:stop]
+    kt = ai.k[:, lo:hi].transpose(-1, -2)
+    if math.frexp(ai.scaling)[0] == 0.5:  # a power of two: (s q) k^T has the bits of (q k^T) s
+        scores = torch.matmul(q * ai.scaling, kt)
+    else:
+        scores = torch.matmul(q, kt)
+        scores.mul_(ai.scaling)
+    if ai.softcap:
+        scores.div_(ai.softcap).tanh_().mul_(ai.softcap)
+    if ai.mask is not None:
+        scores.add_(ai.mask[start:stop, lo:hi])
+    elif not ai.sliding_window and upper is not None and lo == 0 and hi == stop:
+        R = stop - start  # keys before `start` are visible to every query of the block
+        scores[:, :, start:stop].add_(upper[:R, :R])  # + 0 or + -inf: what masked_fill gives
+    else:
+        rows = torch.arange(start, stop)[:, None]
+        cols = torch.arange(lo, hi)[None, :]
+        allowed = cols <= rows
+        if ai.sliding_window:
+            allowed &= rows - cols < ai.sliding_window
+        scores.masked_fill_(~allowed, float("-inf"))
+    if ai.sink_logits is None:
+        return torch.softmax(scores, dim=-1)
+    sink = ai.sink_logits.reshape(-1, 1, 1).expand(scores.shape[0], scores.shape[1], 1)
+    return torch.softmax(torch.cat([scores, sink.to(scores.dtype)], dim=-1), dim=-1)[..., :-1]
+
+
+def stats_streaming(ai: AttnInputs, min_queries: int = MIN_QUERIES, chunk: int = 128) -> HeadStats:
+    """HeadStats of one layer computed `chunk` queries at a time: memory H x chunk x T, not H x T x T.
+
+    For each block of queries only the keys some query of the block can see are computed (under a
+    causal mask, keys up to the block's last query): the others have probability exactly 0 and add
+    nothing. Probabilities stay float32, as the model computes them; column and row sums are taken
+    in float32 within a block (at most `chunk` terms) and accumulated over blocks in float64.
+    """
     T = ai.n_tokens
     H = ai.q.shape[0]
     col_sum = torch.zeros(H, T, dtype=torch.float64)
     row_sum = torch.empty(H, T, dtype=torch.float64)
     top_key = torch.empty(H, T, dtype=torch.long)
     top_value = torch.empty(H, T, dtype=torch.float64)
-    for start in range(0, T, chunk):
-        rows = slice(start, min(start + chunk, T))
-        A = attention_probs(ai, rows).double()
-        col_sum += A.sum(dim=1)
-        row_sum[:, rows] = A.sum(dim=-1)
-        top_key[:, rows], top_value[:, rows] = _row_tops(A, start)
+    upper = _upper_mask(min(chunk, T))
+    with torch.no_grad():
+        for start in range(0, T, chunk):
+            stop = min(start + chunk, T)
+            lo, hi = _key_range(ai, start, stop)
+            A = _probs_block(ai, start, stop, lo, hi, upper)  # (H, R, hi - lo) float32
+            col_sum[:, lo:hi] += A.sum(dim=1)
+            row_sum[:, start:stop] = A.sum(dim=-1)
+            # Row tops excluding the diagonal, in place (A is not needed after this).
+            rows = torch.arange(start, stop)
+            inside = (rows >= lo) & (rows < hi)
+            A[:, torch.arange(stop - start)[inside], rows[inside] - lo] = -1.0
+            value, key = A.max(dim=-1)
+            key += lo
+            if lo > 0:  # nothing positive in range: the full row's first maximum (0) is key 0
+                key[value <= 0] = 0
+            first = rows == 0
+            key[:, first] = -1
+            value[:, first] = 0.0
+            top_key[:, start:stop] = key
+            top_value[:, start:stop] = value.clamp_min(0.0)
     return _finish(col_sum, row_sum, top_key, top_value, min_queries)
 
 
@@ -170,7 +242,7 @@ class SinkStats:
         return torch.stack([caught_by(self.layer(l), eps) for l in self.layers])
 
 
-def sink_stats(cap: Capture, min_queries: int = MIN_QUERIES, chunk: int = 256) -> SinkStats:
+def sink_stats(cap: Capture, min_queries: int = MIN_QUERIES, chunk: int = 128) -> SinkStats:
     """Streaming sink statistics of every captured layer of one prompt."""
     per = [stats_streaming(cap.attn_inputs[l], min_queries, chunk) for l in cap.layers]
     return SinkStats(

@@ -1,0 +1,52 @@
+"""The bench command: JSON keys, the two censuses agree, bad input; no assertion on wall time."""
+
+import json
+
+import pytest
+import torch
+
+from catchtag import bench
+from catchtag.cli import main
+
+KEYS = {"seq_len", "sdpa_s", "naive_s", "streaming_s", "naive_peak_mb", "streaming_peak_mb",
+        "max_abs_diff", "load_gguf_s", "load_cached_s"}
+
+
+@pytest.mark.slow
+def test_bench_json_at_64_tokens(capsys):
+    # Three worker processes (sdpa, naive, streaming), each loading the cached model; no cold load.
+    assert main(["bench", "--seq-len", "64", "--format", "json", "--no-cold-load"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert KEYS <= set(result)
+    assert result["seq_len"] == 64 and result["model"] == "smollm2-135m"
+    assert result["max_abs_diff"] <= 1e-6
+    assert result["top_key_equal"] is True
+    for key in ("sdpa_s", "naive_s", "streaming_s", "load_cached_s"):
+        assert result[key] > 0
+    assert result["load_gguf_s"] is None  # skipped here; measured by default
+    assert result["attention_stack_mb"] == pytest.approx(30 * 9 * 64 * 64 * 4 / 2**20, abs=1e-3)
+
+
+def test_bench_input_has_exactly_seq_len_tokens(smollm):
+    ids = bench.bench_ids(smollm, 300)
+    assert ids.shape == (300,)
+    assert torch.equal(ids, bench.bench_ids(smollm, 300))  # deterministic
+    assert torch.equal(ids[:100], bench.bench_ids(smollm, 100))
+
+
+def test_peak_rss_sees_a_large_allocation():
+    with bench.PeakRSS() as mem:
+        x = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+        del x
+    assert mem.extra_mb > 48
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["bench", "--seq-len", "4"], ">= 8"),
+    (["bench", "--seq-len", "abc"], ">= 8"),
+    (["bench", "--format", "xml"], "invalid choice"),
+])
+def test_bench_bad_input_one_line_exit_2(argv, needle, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert needle in err and "\n" not in err
