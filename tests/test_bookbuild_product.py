@@ -42,12 +42,13 @@ def test_stage_notebook_adds_colab_cell_and_run_line(tmp_path):
     nb.metadata["catchtag"] = {"seconds": 3.0, "parameters": {}}
     src, dest = tmp_path / "a.ipynb", tmp_path / "b.ipynb"
     nbformat.write(nb, src)
-    bookbuild.stage_notebook(src, dest)
+    dest.write_text(bookbuild.stage_notebook(src))
     out = nbformat.read(dest, as_version=4)
     assert out.cells[0].metadata.get("catchtag") == "colab-install"
     assert out.cells[-1].cell_type == "markdown" and "in 3 s" in out.cells[-1].source
-    bookbuild.stage_notebook(dest, src)  # staging twice does not add a second install cell
+    src.write_text(bookbuild.stage_notebook(dest))  # staging twice does not add a second install cell
     assert sum(c.metadata.get("catchtag") == "colab-install" for c in nbformat.read(src, as_version=4).cells) == 1
+    assert bookbuild.stage_notebook(src) == bookbuild.stage_notebook(src)  # same input, same bytes
 
 
 def test_summary_page_key_follows_the_chapters(tmp_path, monkeypatch):

@@ -135,9 +135,15 @@ def colab_cell():
     return nbformat.v4.new_code_cell(source, metadata={"tags": ["remove-cell"], "catchtag": "colab-install"})
 
 
+# Modules no chapter runs: editing them does not make an executed chapter stale.
+NOT_IN_CHAPTERS = {"bookbuild.py", "cli.py", "bench.py", "__main__.py"}
+
+
 def library_hash() -> str:
     digest = hashlib.sha256()
     for path in sorted((ROOT / "src" / "catchtag").rglob("*.py")):
+        if path.name in NOT_IN_CHAPTERS:
+            continue
         digest.update(path.read_bytes())
     return digest.hexdigest()
 
@@ -273,25 +279,37 @@ def execute(name: str, params: dict, force: bool = False) -> tuple[Path, float, 
 
 
 def stage(names: list[str]) -> None:
-    """Lay out _build/stage: config, toc, plain pages and executed notebooks, for jupyter-book."""
-    if STAGE.exists():
-        shutil.rmtree(STAGE)
-    (STAGE / "book").mkdir(parents=True)
+    """Lay out _build/stage: config, toc, plain pages and executed notebooks, for jupyter-book.
+
+    A file is rewritten only when its content changed (and files no longer wanted are removed), so
+    Sphinx sees unchanged pages as unchanged and re-renders only what changed."""
+    wanted: dict[Path, bytes] = {}
     for extra in ("_config.yml", "_toc.yml"):
-        shutil.copy(ROOT / extra, STAGE / extra)
-    for path in BOOK.iterdir():
-        if path.is_file() and path.suffix != ".md" and path.suffix != ".ipynb":
-            shutil.copy(path, STAGE / "book" / path.name)  # images, bibliography, static files
-        elif path.is_dir() and not path.name.startswith((".", "_")):
-            shutil.copytree(path, STAGE / "book" / path.name)
+        wanted[STAGE / extra] = (ROOT / extra).read_bytes()
+    for path in BOOK.rglob("*"):
+        rel = path.relative_to(BOOK)
+        if not path.is_file() or any(part.startswith((".", "_")) for part in rel.parts):
+            continue
+        if len(rel.parts) > 1 or path.suffix not in (".md", ".ipynb"):
+            wanted[STAGE / "book" / rel] = path.read_bytes()  # images, bibliography, static files
     for name in names:
         md = BOOK / f"{name}.md"
         target = STAGE / "book" / name
-        target.parent.mkdir(parents=True, exist_ok=True)
         if is_notebook(md):
-            stage_notebook(EXECUTED / f"{name}.ipynb", target.with_suffix(".ipynb"))
+            wanted[target.with_suffix(".ipynb")] = stage_notebook(EXECUTED / f"{name}.ipynb").encode()
         else:
-            shutil.copy(md, target.with_suffix(".md"))
+            wanted[target.with_suffix(".md")] = md.read_bytes()
+    if STAGE.exists():
+        for path in sorted(STAGE.rglob("*"), reverse=True):
+            if path.is_file() and path not in wanted:
+                path.unlink()
+            elif path.is_dir() and not any(path.iterdir()):
+                path.rmdir()
+    for path, data in wanted.items():
+        if path.exists() and path.read_bytes() == data:
+            continue
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
 
 
 def run_line(meta: dict) -> str:
@@ -308,8 +326,8 @@ def run_line(meta: dict) -> str:
             "top of the page gives the executed notebook; the launch button opens it in Colab.*")
 
 
-def stage_notebook(src: Path, dest: Path) -> None:
-    """Copy an executed notebook into the stage, ending it with its run line."""
+def stage_notebook(src: Path) -> str:
+    """The staged copy of an executed notebook (as text), ending with its run line."""
     import nbformat
 
     nb = nbformat.read(src, as_version=4)
@@ -317,7 +335,9 @@ def stage_notebook(src: Path, dest: Path) -> None:
     if not any(c.metadata.get("catchtag") == "colab-install" for c in nb.cells):
         nb.cells.insert(0, colab_cell())  # executed before the cell existed
     nb.cells.append(nbformat.v4.new_markdown_cell("---\n\n" + run_line(meta), metadata={"catchtag": "run-line"}))
-    nbformat.write(nb, dest)
+    for i, cell in enumerate(nb.cells):  # stable ids, so the same notebook stages to the same bytes
+        cell["id"] = f"cell-{i}"
+    return nbformat.writes(nb)
 
 
 def build_html() -> None:
