@@ -120,6 +120,12 @@ def capture(
     for layer in layers:
         model.check_layer_head(layer)
     kwargs = trace_kwargs(remote)
+    if remote is True and model.remote is not True:
+        raise CatchtagError(
+            f"model {model.name!r} was loaded here, not for NDIF: load it with "
+            "load_model(<Hugging Face id>, remote=True) to run on NDIF (offline GGUF checkpoints "
+            "cannot), or use remote='local' for an offline dry run"
+        )
     op = attention_op_name(model)
     out = []
     bar = progress_bar(prompts, f"capture {model.name}", enabled=progress and len(prompts) > 1)

@@ -1,0 +1,101 @@
+"""catchtag.reasoning: generated problems, equal token budgets, deterministic fine-tuning, comparison."""
+
+import numpy as np
+import pytest
+import torch
+
+from catchtag import reasoning as R
+from catchtag.errors import CatchtagError
+
+
+def test_problems_are_deterministic_and_correct():
+    a, b = R.make_problems(20, seed=3), R.make_problems(20, seed=3)
+    assert a == b
+    assert a != R.make_problems(20, seed=4)
+    for p in a:
+        assert 2 <= len(p.ops) <= 4
+        x = p.start
+        for sym, n in p.ops:
+            x = {"+": x + n, "-": x - n, "*": x * n}[sym]
+        assert p.answer == x == p.values()[-1]
+
+
+def test_render_styles():
+    p = R.Problem(7, (("+", 5), ("*", 3), ("-", 4)))
+    reasoning, answer = R.render(p, "reasoning"), R.render(p, "answer")
+    assert "7 + 5 = 12" in reasoning and "12 * 3 = 36" in reasoning and "36 - 4 = 32" in reasoning
+    assert reasoning.rstrip().endswith("Answer: 32.") and answer.rstrip().endswith("Answer: 32.")
+    assert "Step" not in answer and "=" not in answer
+    assert reasoning.startswith(answer.split("Answer")[0])  # the same question
+    with pytest.raises(CatchtagError):
+        R.render(p, "chain")
+
+
+def test_same_token_budget_for_both_styles(smollm):
+    probs = R.make_problems(10, seed=0)
+    r = R.token_blocks(smollm.tokenizer, probs, "reasoning", 6, 32, seed=1)
+    a = R.token_blocks(smollm.tokenizer, probs, "answer", 6, 32, seed=1)
+    assert r.shape == a.shape == (6, 32)
+    assert not torch.equal(r, a)
+    assert torch.equal(r, R.token_blocks(smollm.tokenizer, probs, "reasoning", 6, 32, seed=1))
+
+
+def test_finetune_is_deterministic_and_leaves_the_base_alone(smollm):
+    probs = R.make_problems(8, seed=0)
+    before = smollm.hf.model.layers[0].self_attn.q_proj.weight.detach().clone()
+    kw = dict(steps=2, batch_size=1, block_len=16, lr=1e-3, seed=5, progress=False)
+    a = R.finetune(smollm, probs, "reasoning", **kw)
+    b = R.finetune(smollm, probs, "reasoning", **kw)
+    assert a.losses == b.losses and len(a.losses) == 2
+    assert R.weights_equal(a.model, b.model)
+    assert not R.weights_equal(a.model, smollm)
+    assert torch.equal(smollm.hf.model.layers[0].self_attn.q_proj.weight, before)
+    # only attention weights move by default
+    pa, pb = dict(a.model.hf.named_parameters()), dict(smollm.hf.named_parameters())
+    assert torch.equal(pa["model.layers.0.mlp.up_proj.weight"], pb["model.layers.0.mlp.up_proj.weight"])
+    assert not torch.equal(pa["model.layers.0.self_attn.o_proj.weight"], pb["model.layers.0.self_attn.o_proj.weight"])
+    assert a.tokens == 2 * 16 and a.n_params > 0
+    c = R.finetune(smollm, probs, "reasoning", **{**kw, "seed": 6, "steps": 1})
+    assert c.losses[0] != a.losses[0]  # another seed, another data order
+
+
+def test_finetune_rejects_bad_arguments(smollm):
+    probs = R.make_problems(2)
+    with pytest.raises(CatchtagError):
+        R.finetune(smollm, probs, "poem", steps=1, progress=False)
+    with pytest.raises(CatchtagError):
+        R.finetune(smollm, probs, steps=0, progress=False)
+    with pytest.raises(CatchtagError):
+        R.finetune(smollm, probs, train="mlp", steps=1, progress=False)
+
+
+def test_head_ev_matches_tags(smollm):
+    from catchtag.capture import capture
+    from catchtag.sinks import sink_stats
+    from catchtag.tags import head_explained_variance
+
+    caps = capture(smollm, R.eval_prompts(R.make_problems(2, seed=1)), resid=False, progress=False)
+    stats = [sink_stats(c) for c in caps]
+    ours = R.head_ev(smollm, caps, stats)
+    layers = [2, 10, 25]
+    ref = head_explained_variance(smollm, caps, stats=stats, layers=layers, progress=False)
+    ours = ours[ours["layer"].isin(layers)].reset_index(drop=True)
+    np.testing.assert_allclose(ours["ev"], ref["ev"], rtol=1e-9, equal_nan=True)
+    np.testing.assert_array_equal(ours["n_caught"], ref["n_caught"])
+    np.testing.assert_allclose(ours["n_tags"], ref["n_tags"])
+
+
+def test_compare_shapes(smollm):
+    summary, heads = R.compare({"a": smollm}, ["Question: Start with 3. Add 4. What is the result?"], progress=False)
+    assert list(summary["model"]) == ["a"]
+    row = summary.iloc[0]
+    assert row["n_heads"] == smollm.n_layers * smollm.n_heads == len(heads)
+    assert 0 <= row["heads_high_ev"] <= row["heads_with_ev"] <= row["n_heads"]
+    assert row["sinks_per_head"] > 0
+    assert R.grid(heads, "a", "n_sinks").shape == (smollm.n_layers, smollm.n_heads)
+
+
+def test_load_pair_needs_both():
+    with pytest.raises(CatchtagError, match="both"):
+        R.load_pair("Qwen/Qwen2.5-Math-1.5B", "")
+    assert R.PAPER_SINKS_PER_HEAD == (1.125, 2.196)
