@@ -318,26 +318,26 @@ def _residual_direction(model: Model, layer: int, head_vec: torch.Tensor) -> tor
     return head_vec.double()
 
 
-def _keys_of(model: Model, layer: int, x: torch.Tensor) -> torch.Tensor:
-    """(n, H, dh) pre-RoPE keys of residual vectors x (n, d) at `layer`, kv heads repeated."""
+def _pre_rope(model: Model, layer: int, x: torch.Tensor, kind: str) -> torch.Tensor:
+    """(n, H, dh) pre-RoPE queries (kind "q") or keys ("k", kv heads repeated) of residual
+    vectors x (n, d) at `layer`, through the layer's input norm, projection and QK-norm if any."""
     blk = model.hf.model.layers[layer]
     att = blk.self_attn
+    heads = model.n_heads if kind == "q" else model.n_kv_heads
     with torch.no_grad():
-        k = att.k_proj(blk.input_layernorm(x.float())).reshape(x.shape[0], model.n_kv_heads, model.head_dim)
-        if hasattr(att, "k_norm"):
-            k = att.k_norm(k)
-    return k.repeat_interleave(model.n_heads // model.n_kv_heads, dim=1).double()
+        y = getattr(att, f"{kind}_proj")(blk.input_layernorm(x.float())).reshape(x.shape[0], heads, model.head_dim)
+        norm = getattr(att, f"{kind}_norm", None)
+        if norm is not None:
+            y = norm(y)
+    return y.repeat_interleave(model.n_heads // heads, dim=1).double()
+
+
+def _keys_of(model: Model, layer: int, x: torch.Tensor) -> torch.Tensor:
+    return _pre_rope(model, layer, x, "k")
 
 
 def _queries_of(model: Model, layer: int, x: torch.Tensor) -> torch.Tensor:
-    """(n, H, dh) pre-RoPE queries of residual vectors x (n, d) at `layer`."""
-    blk = model.hf.model.layers[layer]
-    att = blk.self_attn
-    with torch.no_grad():
-        q = att.q_proj(blk.input_layernorm(x.float())).reshape(x.shape[0], model.n_heads, model.head_dim)
-        if hasattr(att, "q_norm"):
-            q = att.q_norm(q)
-    return q.double()
+    return _pre_rope(model, layer, x, "q")
 
 
 def query_tag_alignment(
