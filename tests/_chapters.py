@@ -81,12 +81,15 @@ class Run:
         return self.folder / "build" / "executed" / "sinks.ipynb"
 
 
-SINKS_ARGS = ["--chapter", "sinks", "--force", "--no-html", "-p", "n_prompts", "2", "-p", "compare", ""]
+# remote="local": the chapter's traces take nnsight's remote code path (serialised as for NDIF), run
+# here; so CI executes a whole chapter through the remote path, with a dummy NDIF key set.
+SINKS_ARGS = ["--chapter", "sinks", "--force", "--no-html", "-p", "n_prompts", "2", "-p", "compare", "",
+              "-p", "remote", "local"]
 
 
 @functools.lru_cache(maxsize=None)
 def sinks_runs(n: int = 2) -> tuple[Run, ...]:
-    """Execute book/sinks.md with 2 prompts on SmolLM2 only, `n` times side by side."""
+    """Execute book/sinks.md with 2 prompts on SmolLM2 only, remote="local", `n` times side by side."""
     import time
 
     base = Path(tempfile.mkdtemp(prefix="catchtag-runs-"))

@@ -34,7 +34,7 @@ def test_sinks_chapter_twice_gives_identical_results():
     else:
         assert fa.read_bytes() == fb.read_bytes()
     assert ra["parameters"] == {"model": "smollm2-135m", "compare": "", "eps": 0.2, "seed": 0,
-                                "n_prompts": 2, "remote": False}
+                                "n_prompts": 2, "remote": "local"}
     assert ra["model_file_sha256"] == "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
     data = ra["data"]
     assert len(data["sinks_per_head_grid"]) == 30 and len(data["sinks_per_head_grid"][0]) == 9

@@ -121,7 +121,7 @@ def test_gguf_checked_before_use(monkeypatch):
 
 @pytest.mark.slow
 def test_key_never_in_notebook_logs_results_or_config():
-    """book/sinks.md run by the book build with NDIF_API_KEY set (remote=False): the key is in no
+    """book/sinks.md run by the book build with NDIF_API_KEY set (remote="local"): the key is in no
     file the run wrote (executed and raw notebooks, results, nnsight's config folder) and not in
     its stdout or stderr (the kernel's included)."""
     run = sinks_runs()[0]
