@@ -2,7 +2,6 @@
 end of each staged chapter, and summary pages (the reproduction page) rerun when a chapter changes."""
 
 import nbformat
-import pytest
 
 from catchtag import bookbuild
 

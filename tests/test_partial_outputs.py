@@ -13,7 +13,6 @@ import subprocess
 import sys
 import textwrap
 import time
-from pathlib import Path
 
 from catchtag.report import remove_stale_partials, save_results
 

@@ -3,7 +3,6 @@
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
 from catchtag import qknorm as Q
 from catchtag.capture import attention_logits, capture

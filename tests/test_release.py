@@ -21,7 +21,7 @@ from catchtag.release import (
     run_edited,
 )
 from catchtag.sinks import sink_stats
-from catchtag.tags import F_TAG_DOT, PLANTED_TEXT, head_tags, planted_model, prompts
+from catchtag.tags import PLANTED_TEXT, head_tags, planted_model, prompts
 
 DOT = 6
 

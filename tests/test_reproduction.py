@@ -1,6 +1,5 @@
 """The reproduction table: reading glued values back, verdict rules, and the glue names it relies on."""
 
-import json
 from pathlib import Path
 
 import nbformat

@@ -33,7 +33,6 @@ import ast
 import hashlib
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
