@@ -38,11 +38,11 @@ $(STAMP): requirements.lock pyproject.toml Makefile
 	touch $(STAMP)
 
 book: $(STAMP)
-	$(PY) -m catchtag.bookbuild
+	$(PY) -m catchtag.book.bookbuild
 
 chapter: $(STAMP)
 	@test -n "$(CH)" || { echo "error: name a chapter: make chapter CH=<name> [PARAMS='-p eps 0.3']" >&2; exit 2; }
-	$(PY) -m catchtag.bookbuild --chapter $(CH) --force $(PARAMS)
+	$(PY) -m catchtag.book.bookbuild --chapter $(CH) --force $(PARAMS)
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -47,7 +47,7 @@ remote = False
 ```
 
 ```{code-cell} ipython3
-from catchtag.params import check_params
+from catchtag.book.params import check_params
 
 params = check_params(model=model, compare=compare, eps=eps, seed=seed, n_prompts=n_prompts, remote=remote)
 globals().update(params)
@@ -107,7 +107,7 @@ def sinks_runs(n: int = 2) -> tuple[Run, ...]:
             XDG_CONFIG_HOME=str(folder / "config"),  # where nnsight would save a config file
             HF_HUB_OFFLINE="1",
         )
-        cmd = [sys.executable, "-m", "catchtag.bookbuild", *SINKS_ARGS]
+        cmd = [sys.executable, "-m", "catchtag.book.bookbuild", *SINKS_ARGS]
         procs.append((folder, subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
                                                stderr=subprocess.PIPE, text=True)))
     runs = []

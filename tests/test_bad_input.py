@@ -2,8 +2,8 @@
 do, exit status 2 (CLI and book build), no traceback, and nothing written.
 
 Covered through the CLI (`catchtag.cli.main`, and `python -m catchtag` in a subprocess), through
-chapter parameters (`catchtag.params.check_params`; the book build's check of `-p` values against
-a chapter's parameters cell, in-process and as `python -m catchtag.bookbuild`; a papermill run of a
+chapter parameters (`catchtag.book.params.check_params`; the book build's check of `-p` values against
+a chapter's parameters cell, in-process and as `python -m catchtag.book.bookbuild`; a papermill run of a
 tiny chapter whose check cell refuses a value; a chapter that fails later with a CatchtagError),
 and through the library where there is no CLI flag (head index, empty prompt list).
 
@@ -25,11 +25,11 @@ from pathlib import Path
 
 import pytest
 
-from catchtag import bookbuild, models
+from catchtag.book import bookbuild, models
 from catchtag.cli import main
 from catchtag.errors import CatchtagError
 from catchtag.models import REGISTRY
-from catchtag.params import check_params
+from catchtag.book.params import check_params
 
 from _chapters import ROOT, tiny_chapter
 
@@ -306,7 +306,7 @@ def test_book_build_unknown_chapter(build_dir, capsys):
 def test_make_chapter_eps_2_is_one_line_exit_2(tmp_path):
     """What `make chapter CH=sinks PARAMS="-p eps 2"` runs."""
     env = {**os.environ, "CATCHTAG_BUILD": str(tmp_path / "build"), "CATCHTAG_RESULTS": str(tmp_path / "results")}
-    out = subprocess.run([sys.executable, "-m", "catchtag.bookbuild", "--chapter", "sinks", "--force", "-p", "eps", "2"],
+    out = subprocess.run([sys.executable, "-m", "catchtag.book.bookbuild", "--chapter", "sinks", "--force", "-p", "eps", "2"],
                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
     assert out.returncode == 2
     assert out.stdout == ""

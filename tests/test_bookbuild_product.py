@@ -3,7 +3,7 @@ end of each staged chapter, and summary pages (the reproduction page) rerun when
 
 import nbformat
 
-from catchtag import bookbuild
+from catchtag.book import bookbuild
 
 SUMMARY = """---
 jupytext:

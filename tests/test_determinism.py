@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 
 from catchtag import __version__
-from catchtag.report import library_sha256, results_json, results_path, save_results
+from catchtag.book.report import library_sha256, results_json, results_path, save_results
 
 from _chapters import sinks_runs
 

@@ -1,7 +1,7 @@
 """No partial outputs: a writer killed mid-run leaves the previous complete output (or none) in
 place, never a half-written one, and its leftover temporary file is removed by the next run.
 
-Results files (`catchtag.report.save_results`) and executed notebooks (`catchtag.bookbuild.execute`)
+Results files (`catchtag.book.report.save_results`) and executed notebooks (`catchtag.book.bookbuild.execute`)
 are both written into a `.partial/` folder next to their destination and renamed into place.
 """
 
@@ -14,7 +14,7 @@ import sys
 import textwrap
 import time
 
-from catchtag.report import remove_stale_partials, save_results
+from catchtag.book.report import remove_stale_partials, save_results
 
 from _chapters import ROOT, tiny_chapter
 
@@ -43,7 +43,7 @@ def test_results_file_survives_a_killed_writer(tmp_path, monkeypatch):
             time.sleep(120)
             real(a, b)
         os.replace = stalled
-        from catchtag.report import save_results
+        from catchtag.book.report import save_results
         save_results("demo", "m", {"eps": 0.2}, {"version": 2, "big": list(range(100000))})
     """)
     proc = subprocess.Popen([sys.executable, "-c", script], env={**os.environ}, stdout=subprocess.PIPE,
@@ -77,7 +77,7 @@ def test_executed_notebook_survives_a_killed_build(tmp_path):
     previous = executed / "tiny.ipynb"
     previous.write_text('{"cells": [], "metadata": {"previous": "complete"}, "nbformat": 4, "nbformat_minor": 5}\n')
     before = previous.read_bytes()
-    script = (f"from pathlib import Path\nfrom catchtag import bookbuild\nbookbuild.BOOK = Path({str(book)!r})\n"
+    script = (f"from pathlib import Path\nfrom catchtag.book import bookbuild\nbookbuild.BOOK = Path({str(book)!r})\n"
               "bookbuild.execute('tiny', {}, force=True)\n")
     env = {**os.environ, "CATCHTAG_BUILD": str(build), "CATCHTAG_RESULTS": str(tmp_path / "results")}
     proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,

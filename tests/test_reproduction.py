@@ -1,102 +1,87 @@
-"""The reproduction table: reading glued values back, verdict rules, and the glue names it relies on."""
+"""The reproduction table: reading results files, verdict rules (data), and the names it relies on."""
 
+import math
+import re
 from pathlib import Path
 
-import nbformat
 import pytest
 
-from catchtag import reproduction as R
+from catchtag.book import reproduction as R
+from catchtag.book.report import Results, read_results
 
 BOOK = Path(__file__).resolve().parents[1] / "book"
 
 
-def glue_output(name, text=None, plain=None):
-    prefix = "application/papermill.record/"
-    data = {}
-    if text is not None:
-        data[prefix + "text/markdown"] = text
-        data[prefix + "text/plain"] = "<IPython.core.display.Markdown object>"
-    else:
-        data[prefix + "text/plain"] = plain
-    return nbformat.v4.new_output("display_data", data=data,
-                                  metadata={"scrapbook": {"name": name, "mime_prefix": prefix}})
+@pytest.fixture
+def results_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("CATCHTAG_RESULTS", str(tmp_path))
+    monkeypatch.setattr("catchtag.book.report.glue_text", lambda *a, **k: None)
+    return tmp_path
 
 
-def notebook(path, outputs, params=None):
-    nb = nbformat.v4.new_notebook()
-    cell = nbformat.v4.new_code_cell("glue(...)")
-    cell.outputs = outputs
-    nb.cells.append(cell)
-    nb.metadata["papermill"] = {"parameters": params or {}}
-    nbformat.write(nb, path)
-    return path
+def write_sinks(first=(0.9, 0.99), boundary=(0.6, 0.7), separating=(1, 0), compare="gemma3-270m"):
+    res = Results("sinks", {"eps": 0.2}, ["smollm2-135m", compare])
+    for model, f, b, s in zip(["smollm2-135m", compare], first, boundary, separating):
+        if model:
+            res.put(model, "first_share", f)
+            res.put(model, "boundary_share", b)
+            res.put(model, "separating", s)
+            res.put(model, "n_heads", 270)
+    return res.done()
 
 
-def test_read_glue_markdown_plain_and_strings(tmp_path):
-    p = notebook(tmp_path / "x.ipynb", [glue_output("a", "54%"), glue_output("b", plain="0.123456"),
-                                        glue_output("c", plain="'similar'"),
-                                        glue_output("d", plain="np.float64(0.44013392080476654)")], {"eps": 0.3})
-    assert R.read_glue(p) == {"a": "54%", "b": "0.123456", "c": "similar", "d": "0.44013392080476654"}
-    assert R.parameters(p) == {"eps": 0.3}
+def test_results_round_trip(results_dir):
+    paths = write_sinks()
+    assert sorted(p.name for p in paths) == ["sinks-gemma3-270m.json", "sinks-smollm2-135m.json", "sinks.json"]
+    v = read_results("sinks")
+    assert v["m1_first_share"] == 0.9 and v["m2_first_share"] == 0.99
+    assert v["m1_model"] == "SmolLM2-135M-Instruct" and v["params"] == {"eps": 0.2}
 
 
-@pytest.mark.parametrize("text,value", [("54%", 0.54), ("1.25", 1.25), ("72.3% [68.1, 76.2]", 0.723),
-                                        ("1.9e-06", 1.9e-06), ("n/a", None), ("nan", None), ("-3", -3.0),
-                                        ("1,234", 1234.0), ("2 of 10", 2.0)])
-def test_number(text, value):
-    assert R.number(text) == (pytest.approx(value) if value is not None else None)
+def test_results_are_byte_identical(results_dir):
+    one = [p.read_bytes() for p in write_sinks()]
+    two = [p.read_bytes() for p in write_sinks()]
+    assert one == two
 
 
-def sinks_values(**over):
-    v = {"m1": "SmolLM2", "m2": "Gemma", "m1_first_share": "88%", "m2_first_share": "99%",
-         "m1_punct_share": "23%", "m1_newline_share": "0%", "m2_punct_share": "60%", "m2_newline_share": "5%",
-         "m1_separating": "1", "m2_separating": "0", "m1_n_heads": "270", "m2_n_heads": "72"}
-    v.update(over)
-    return v
-
-
-def test_verdicts_from_sinks(tmp_path):
-    notebook(tmp_path / "sinks.ipynb", [glue_output(k, t) for k, t in sinks_values().items()])
-    rows = {r.claim.key: r for r in R.evaluate(tmp_path)}
+def test_verdicts_from_rules(results_dir):
+    write_sinks()
+    rows = {r.claim.key: r for r in R.evaluate(results_dir)}
     assert rows["first_sink"].verdict == R.REPRODUCED
-    assert rows["first_sink"].ours == "SmolLM2: 88% of (head, prompt) pairs; Gemma: 99%"
-    assert rows["sink_kinds"].verdict == R.PARTLY  # one model >= 50%
-    assert rows["teaser"].verdict == R.PARTLY
-    assert rows["probe_truth"].verdict == R.PENDING and not rows["probe_truth"].built
-    table = R.markdown_table(list(rows.values()))
-    assert "[sinks: How many sinks, and where](sinks.ipynb#how-many-sinks-and-where)" in table
-    assert "`book/probing.md`" in table
+    assert rows["sink_kinds"].verdict == R.REPRODUCED
+    assert rows["teaser"].verdict == R.PARTLY  # one model of two has a separating head
+    assert "90%" in rows["first_sink"].ours and "99%" in rows["first_sink"].ours
+    assert rows["catch_runs"].verdict == R.PENDING  # the catch chapter wrote nothing
 
 
-def test_missing_name_is_pending_and_chapter_verdict_wins(tmp_path):
-    values = sinks_values()
-    del values["m2_first_share"]
-    values["claim_teaser_verdict"] = "not reproduced"
-    values["claim_teaser"] = "no head does"
-    notebook(tmp_path / "sinks.ipynb", [glue_output(k, t) for k, t in values.items()])
-    rows = {r.claim.key: r for r in R.evaluate(tmp_path)}
-    assert rows["first_sink"].verdict == R.PENDING and "m2_first_share" in rows["first_sink"].note
-    assert rows["teaser"].verdict == R.NOT_REPRODUCED and rows["teaser"].ours == "no head does"
+def test_absent_second_model_is_skipped(results_dir):
+    write_sinks(first=(0.9, None), compare="")
+    rows = {r.claim.key: r for r in R.evaluate(results_dir)}
+    assert rows["first_sink"].verdict == R.REPRODUCED
+    assert "n/a" in rows["first_sink"].ours or "?" not in rows["first_sink"].ours
 
 
-def test_chapters_outside_the_toc_are_pending(tmp_path):
-    notebook(tmp_path / "sinks.ipynb", [glue_output(k, t) for k, t in sinks_values().items()])
-    assert all(r.verdict == R.PENDING for r in R.evaluate(tmp_path, chapters=["intro"]))
+def test_missing_number_is_pending(results_dir):
+    res = Results("sinks", {}, ["smollm2-135m", ""])
+    res.put("smollm2-135m", "first_share", 0.9)
+    res.done()
+    rows = {r.claim.key: r for r in R.evaluate(results_dir)}
+    assert rows["sink_kinds"].verdict == R.PENDING and "boundary_share" in rows["sink_kinds"].note
 
 
-def test_rules():
-    v = R.Values({"n_ctr": "2"})
-    assert R._verdict_training(v) == R.REPRODUCED
-    assert R._verdict_training(R.Values({"n_ctr": "0"})) == R.NOT_REPRODUCED
-    assert R._verdict_training(R.Values({"n_ctr": "7"})) == R.PARTLY
-    assert R._verdict_reasoning(R.Values({"sph_ratio": "2.0"})) == R.OFFLINE
-    hub = R.Values({"sph_ratio": "1.9", "hev_base": "3", "hev_tuned": "9"},
-                   params={"base_model": "a", "reasoning_model": "b"})
-    assert R._verdict_reasoning(hub) == R.REPRODUCED
-    assert R._verdict_qk_total(R.Values({"verdict_total": "not compared (one model)"})) == R.OFFLINE
-    assert R._verdict_probe("cities", 0.925)(R.Values({"cities_tag_0": "95.0% [93, 97]", "cities_tag_1": "97%"})) == R.REPRODUCED
-    assert R._verdict_probe("cities", 0.925)(R.Values({"cities_tag_0": "60%", "cities_tag_1": "61%",
-                                                       "cities_beats_random": "0 of 2"})) == R.NOT_REPRODUCED
+@pytest.mark.parametrize("rule,values,verdict", [
+    (R.Rule("at_least", ("a", "b"), 0.5), {"a": 0.6, "b": 0.7}, R.REPRODUCED),
+    (R.Rule("at_least", ("a", "b"), 0.5), {"a": 0.6, "b": 0.1}, R.PARTLY),
+    (R.Rule("at_least", ("a", "b"), 0.5), {"a": 0.1, "b": 0.1}, R.NOT_REPRODUCED),
+    (R.Rule("within", ("a",), 0.2, 0.4), {"a": 0.3}, R.REPRODUCED),
+    (R.Rule("within", ("a",), 0.2, 0.4), {"a": 0.5}, R.NOT_REPRODUCED),
+    (R.Rule("at_least", ("a", "b"), 0.5), {"a": None, "b": math.nan}, R.PENDING),
+    (R.Rule("verdict", ("v",)), {"v": "partly"}, R.PARTLY),
+    (R.Rule("verdict", ("v",)), {"v": "made up"}, R.PENDING),
+    (R.Rule("qualitative"), {}, R.PENDING),
+])
+def test_rule(rule, values, verdict):
+    assert rule.decide(R.Values(values)) == verdict
 
 
 def test_slug_matches_myst():
@@ -104,16 +89,15 @@ def test_slug_matches_myst():
     assert R.slug("The construction (Theorem 7.1)") == "the-construction-theorem-71"
 
 
-@pytest.mark.parametrize("chapter", sorted(R.glue_names()))
-def test_every_name_is_glued_by_its_chapter(chapter):
-    """A chapter that renames a glued value must update catchtag.reproduction.CLAIMS."""
-    md = BOOK / f"{chapter}.md"
-    if not md.exists():
-        pytest.skip(f"book/{chapter}.md not written yet")
-    pats = R.glued_in_source(md.read_text())
-    missing = [n for n in R.glue_names()[chapter]
-               if not n.startswith("claim_") and not any(p.fullmatch(n) for p in pats)]
-    assert not missing, f"book/{chapter}.md does not glue {missing}"
+def _put_names(md_text: str, chapter: str) -> list[re.Pattern]:
+    """Patterns for the quantities a chapter's source puts (res.put(model, "name", ...)); names
+    built with f-strings become wildcards."""
+    pats = []
+    for m in re.finditer(r"\.put(?:_all)?\(\s*[^,]+,\s*(f?)([\"'])(.+?)\2", md_text):
+        name = m.group(3)
+        parts = re.split(r"\{[^}]*\}", name) if m.group(1) else [name]
+        pats.append(re.compile(".+?".join(re.escape(p) for p in parts)))
+    return pats
 
 
 @pytest.mark.parametrize("claim", R.CLAIMS, ids=lambda c: c.key)

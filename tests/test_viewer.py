@@ -6,7 +6,7 @@ import re
 import numpy as np
 import pytest
 
-from catchtag.viewer import attention_viewer, viewer_html
+from catchtag.book.viewer import attention_viewer, viewer_html
 
 TOKENS = ["The", " cat", " sat", ".", " <b>", "\n"]
 

@@ -110,7 +110,7 @@ def capture(
     One prompt per forward pass, so no padding ever enters an attention map. `layers` restricts
     which layers' attention inputs are kept (default: all). `remote` is passed to nnsight's trace.
     """
-    from .report import progress as progress_bar
+    from .progress import progress as progress_bar
 
     if isinstance(prompts, str):
         prompts = [prompts]
@@ -302,3 +302,64 @@ def eager_attention(model: Model, text: str) -> list[torch.Tensor]:
     finally:
         hf.set_attn_implementation(previous)
     return [a[0].float() for a in out.attentions]
+
+
+# --------------------------------------------------------------------------------------------------
+# What a head writes into the residual stream (through Gemma's post-attention norm)
+
+
+def post_attention_norm(model: Model, layer: int):
+    """The RMSNorm applied to the attention block's output before it is added to the residual
+    stream, or None when the model adds W_O z directly (Llama, Qwen, Mistral, gpt-oss).
+
+    Gemma-2 and Gemma-3 normalise the attention output (`post_attention_layernorm`, then a separate
+    `pre_feedforward_layernorm` before the MLP); in Llama-style layers `post_attention_layernorm` is
+    the MLP's input norm and never touches the attention output, so it is not returned.
+    Returns (gain (d_model,), eps) with gain = 1 + weight (Gemma's RMSNorm scales by 1 + w)."""
+    block = model.hf.model.layers[layer]
+    if not hasattr(block, "pre_feedforward_layernorm") or not hasattr(block, "post_attention_layernorm"):
+        return None
+    norm = block.post_attention_layernorm
+    w = norm.weight.detach().float()
+    gain = 1.0 + w if "Gemma" in type(norm).__name__ else w
+    return gain, float(getattr(norm, "eps", getattr(norm, "variance_epsilon", 1e-6)))
+
+
+def attention_rms(model: Model, cap: Capture, layer: int) -> torch.Tensor | None:
+    """(T,) root mean square of the attention block's output o_proj(z) at each position: the
+    divisor of Gemma's post-attention norm, sqrt(mean(o^2) + eps). None without such a norm."""
+    norm = post_attention_norm(model, layer)
+    if norm is None:
+        return None
+    ai = cap.attn_inputs[layer]
+    z = attention_probs(ai) @ ai.v  # (H, T, dh)
+    total = per_head_project(model, layer, z).sum(0)  # (T, d)
+    bias = model.hf.model.layers[layer].self_attn.o_proj.bias
+    if bias is not None:
+        total = total + bias.detach().float()
+    return torch.sqrt(total.pow(2).mean(-1) + norm[1])
+
+
+def to_residual(model: Model, layer: int, x: torch.Tensor, rms: torch.Tensor | None = None) -> torch.Tensor:
+    """Map head-output vectors x (..., d_model) (W_O^h z, `per_head_project`) to what they add to
+    the residual stream: unchanged where the model has no post-attention norm; for Gemma, times the
+    norm's gain and divided by `rms` (broadcast against x's leading dims, e.g. (T, 1) for x of
+    shape (H, T, d) -> pass rms[:, None]; omit it for a direction, which the gain alone fixes).
+
+    The norm is linear in each head's output once the position's rms is fixed, so the heads'
+    writes still sum to the block's write (a test checks it against the layer's real output)."""
+    norm = post_attention_norm(model, layer)
+    if norm is None:
+        return x
+    out = x * norm[0]
+    return out if rms is None else out / rms[..., None]
+
+
+def head_writes(model: Model, cap: Capture, layer: int) -> torch.Tensor:
+    """(H, T, d_model): what each head adds to the residual stream at each position. W_O^h z_h
+    (`head_outputs`), passed through the post-attention norm where the model has one (Gemma):
+    gain * W_O^h z_h / rms(sum_h W_O^h z_h). Summed over heads (plus the o_proj bias, through the
+    same norm, where there is one) it is the attention block's contribution to the residual."""
+    out = head_outputs(model, cap, layer)
+    rms = attention_rms(model, cap, layer)
+    return to_residual(model, layer, out, rms[None, :] if rms is not None else None)

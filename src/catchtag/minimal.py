@@ -332,7 +332,7 @@ def train(seed: int = 0, steps: int = 3000, progress: bool = False, **kwargs):
 
         steps_iter = range(tc.steps)
         if progress:
-            from .report import progress as progress_bar
+            from .progress import progress as progress_bar
 
             steps_iter = progress_bar(steps_iter, f"seed {seed}")
         for step in steps_iter:

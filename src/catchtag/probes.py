@@ -211,7 +211,7 @@ def collect_tag_features(
 ) -> TagFeatures:
     """One forward pass per prompt (`catchtag.capture.capture`, only `layers` kept), then the
     residual x and its tag component at `position` (default: the last token) for each layer."""
-    from .report import progress as progress_bar
+    from .progress import progress as progress_bar
 
     from .capture import capture
     from .sinks import check_eps, sink_stats

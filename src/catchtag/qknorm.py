@@ -41,7 +41,7 @@ def prenorm_norms(model: Model, prompts: Sequence[str], remote: bool | str = Fal
     """Per prompt: {'q': (L, H, T), 'k': (L, H, T)} norms of the q_proj and k_proj outputs per head,
     i.e. before QK-norm and RoPE (kv heads repeated to the query heads, as in `capture`)."""
     import nnsight
-    from .report import progress as _bar
+    from .progress import progress as _bar
 
     kwargs = trace_kwargs(remote)
     H, dh, Hkv = model.n_heads, model.head_dim, model.n_kv_heads

@@ -184,7 +184,7 @@ def finetune(
     (q, k, v, o projections of every layer; the default) or "all". Returns the copy re-wrapped for
     capture (`catchtag.models._wrap`) with the losses.
     """
-    from .report import progress as _bar
+    from .progress import progress as _bar
 
     if style not in STYLES:
         raise CatchtagError(f"style={style!r} is not valid: use one of {', '.join(STYLES)}")

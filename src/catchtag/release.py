@@ -245,7 +245,7 @@ def ablation_experiment(
     removed_norm, clean_loss, n_members, control_head, control_has_sink; per_head has the later
     heads' rows with prompt, target layer and head added (target_layer, target_head). Prompts where
     a target head catches nothing are skipped."""
-    from .report import progress as progress_bar
+    from .progress import progress as progress_bar
 
     stats = [sink_stats(c) for c in caps] if stats is None else list(stats)
     rows, parts = [], []

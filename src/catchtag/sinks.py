@@ -316,7 +316,8 @@ def head_table(stats: Sequence[SinkStats], eps: float = DEFAULT_EPS) -> pd.DataF
 
 
 def average_sinks_per_head(stats: Sequence[SinkStats], eps: float = DEFAULT_EPS) -> float:
-    """The paper's §5 statistic: sinks per head, averaged over heads, layers and prompts."""
+    """The paper's §5 statistic: sinks per head, averaged over heads, layers and prompts
+    (`census(...)["sinks_per_head"]`)."""
     return float(head_table(stats, eps)["n_sinks"].mean())
 
 
@@ -327,22 +328,43 @@ def count_grid(stats: Sequence[SinkStats], eps: float = DEFAULT_EPS, column: str
     return grid.to_numpy(dtype=float)
 
 
+CENSUS_KEYS = (
+    "sinks_per_head", "first_share", "other_per_head", "heads_with_other",
+    "punct_share", "newline_share", "word_share", "min_row_sum",
+)
+
+
+def census(stats: Sequence[SinkStats], eps: float = DEFAULT_EPS) -> dict[str, float]:
+    """The sink census of a set of prompts at threshold eps: one dict, the same keys everywhere
+    (`CENSUS_KEYS`; the book, `eps_sweep`, qknorm and reasoning all read these names).
+
+    - `sinks_per_head`: sinks per head, averaged over (prompt, layer, head): the paper's §5 statistic;
+    - `first_share`: share of (prompt, layer, head) with a first-token sink;
+    - `other_per_head`: non-first sinks per head; `heads_with_other`: share of heads with at least one;
+    - `punct_share`, `newline_share`, `word_share`: shares of the non-first sinks by token kind
+      (NaN when there is none);
+    - `min_row_sum`: the smallest attention row sum (below 1 only with learned sink logits).
+    """
+    t = head_table(stats, eps)
+    s = sink_table(stats, eps)
+    other = s[s.kind != "first"]
+    kinds = other.kind.value_counts(normalize=True) if len(other) else {}
+    share = (lambda k: float(kinds.get(k, 0.0))) if len(other) else (lambda k: float("nan"))
+    return dict(
+        sinks_per_head=float(t["n_sinks"].mean()),
+        first_share=float(t["first_sink"].mean()),
+        other_per_head=float(t["n_other"].mean()),
+        heads_with_other=float((t["n_other"] > 0).mean()),
+        punct_share=share("punctuation"),
+        newline_share=share("newline"),
+        word_share=share("other"),
+        min_row_sum=float(t["min_row_sum"].min()),
+    )
+
+
 def eps_sweep(stats: Sequence[SinkStats], eps_values: Iterable[float]) -> pd.DataFrame:
-    """For each eps: average sinks per head, share of heads with a first-token sink, and average
-    number of other (non-first) sinks per head."""
-    rows = []
-    for eps in eps_values:
-        t = head_table(stats, eps)
-        rows.append(
-            dict(
-                eps=float(eps),
-                sinks_per_head=float(t["n_sinks"].mean()),
-                first_share=float(t["first_sink"].mean()),
-                other_per_head=float(t["n_other"].mean()),
-                heads_with_other=float((t["n_other"] > 0).mean()),
-            )
-        )
-    return pd.DataFrame(rows)
+    """One row per eps: `eps` and the `census` at that threshold."""
+    return pd.DataFrame([dict(eps=float(eps), **census(stats, eps)) for eps in eps_values])
 
 
 # --------------------------------------------------------------------------------------------------

@@ -227,7 +227,7 @@ def head_explained_variance(
     `ev_mean` dropped. `caps` is one Capture or a list; `stats` (one SinkStats per capture) saves
     recomputing the sink statistics. `layers` defaults to every captured layer of the first capture.
     """
-    from .report import progress as progress_bar
+    from .progress import progress as progress_bar
 
     eps = check_eps(eps)
     caps = _as_list(caps)
@@ -336,7 +336,7 @@ def tag_cosines(model: Model, cap: Capture, st: SinkStats, layer: int, eps: floa
 def tag_cosine_table(model: Model, caps, eps: float = DEFAULT_EPS, stats=None, layers=None,
                      progress: bool = True) -> pd.DataFrame:
     """`tag_cosines` over prompts and layers, with a `prompt` column."""
-    from .report import progress as progress_bar
+    from .progress import progress as progress_bar
 
     caps = _as_list(caps)
     stats = _stats_for(caps, stats)

@@ -1,7 +1,7 @@
 """Build the book: MyST chapters -> jupytext -> papermill -> jupyter-book (execution off).
 
-    python -m catchtag.bookbuild                 # every chapter in _toc.yml, default parameters
-    python -m catchtag.bookbuild --chapter sinks -p model gemma3-270m -p eps 0.3
+    python -m catchtag.book.bookbuild                 # every chapter in _toc.yml, default parameters
+    python -m catchtag.book.bookbuild --chapter sinks -p model gemma3-270m -p eps 0.3
 
 Each chapter under book/ is a MyST notebook (a .md file with a jupytext header). It is converted
 to .ipynb, executed by papermill with its `parameters` cell overridden by -p NAME VALUE, and the
@@ -11,7 +11,7 @@ and the library's source are all unchanged (its cache key is stored in its metad
 cell stops the build with the chapter's name, the cell's number and the error.
 
 Bad input (an unknown chapter or parameter, a parameter of the wrong type or out of range, checked
-against the chapter's parameters cell by `catchtag.params.check_params` before a kernel starts, or
+against the chapter's parameters cell by `catchtag.book.params.check_params` before a kernel starts, or
 a CatchtagError raised in a cell) is one line on stderr and exit status 2; any other failing cell
 is one line and exit status 1. Nothing partial is left in place: papermill writes the executed
 notebook into `_build/executed/.partial/`, and it is renamed into place only when complete, so a
@@ -39,7 +39,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 BOOK = ROOT / "book"
 BUILD = Path(os.environ["CATCHTAG_BUILD"]).resolve() if os.environ.get("CATCHTAG_BUILD") else ROOT / "_build"
 EXECUTED = BUILD / "executed"
@@ -198,9 +198,9 @@ def declared_parameters(nb) -> dict:
 
 def check_chapter_params(name: str, nb, params: dict) -> None:
     """Raise ChapterFailed (status 2) for a parameter the chapter does not declare or a value that
-    `catchtag.params.check_params` refuses (types from the declared defaults), before a kernel starts."""
+    `catchtag.book.params.check_params` refuses (types from the declared defaults), before a kernel starts."""
     from catchtag.errors import CatchtagError
-    from catchtag.params import check_params
+    from catchtag.book.params import check_params
 
     declared = declared_parameters(nb)
     unknown = [p for p in params if p not in declared]
@@ -241,7 +241,7 @@ def execute(name: str, params: dict, force: bool = False) -> tuple[Path, float, 
     nb = jupytext.read(md)
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     nb.cells.insert(0, colab_cell())
-    from catchtag.report import remove_stale_partials, write_bytes_atomic
+    from catchtag.book.report import remove_stale_partials, write_bytes_atomic
 
     write_bytes_atomic(raw, nbformat.writes(nb).encode())  # papermill never reads a half-written input
     partial_dir().mkdir(parents=True, exist_ok=True)
@@ -358,7 +358,7 @@ def main(argv=None) -> None:
 
 
 def _main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m catchtag.bookbuild", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m catchtag.book.bookbuild", description=__doc__.split("\n\n")[0])
     parser.add_argument("--chapter", action="append", help="only this chapter (repeatable); default: all")
     parser.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
                         help="override a chapter parameter (papermill style)")

@@ -12,22 +12,7 @@ import math
 import os
 from pathlib import Path
 
-
-def progress(iterable, desc: str = "", total: int | None = None, enabled: bool = True, **kw):
-    """A tqdm progress bar, off when `enabled` is False or TQDM_DISABLE is set (the book build sets
-    it: progress bars are for readers who rerun a chapter, not for the rendered page)."""
-    import warnings
-
-    off = not enabled or os.environ.get("TQDM_DISABLE", "") not in ("", "0")
-    if off:  # the plain tqdm: tqdm.auto would warn into the page when ipywidgets is missing
-        from tqdm import tqdm
-    else:
-        from tqdm import TqdmWarning
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", TqdmWarning)  # no ipywidgets: a text bar is fine
-            from tqdm.auto import tqdm
-    return tqdm(iterable, desc=desc, total=total, disable=off, leave=False, **kw)
+from ..progress import progress  # noqa: F401  (chapters import it from here too)
 
 
 def fmt(value, spec: str = "") -> str:
@@ -72,7 +57,7 @@ def save_glued(chapter: str, params: dict, model_names, extra: dict | None = Non
     (`glued()`) and `extra`; the model file hash comes from the registry (None for hub ids)."""
     from types import SimpleNamespace
 
-    from .models import REGISTRY
+    from ..models import REGISTRY
 
     data = {"glued": glued(), **(extra or {})}
     paths = []
@@ -105,7 +90,7 @@ def results_path(chapter: str, model_name: str) -> Path:
     elif os.environ.get("CATCHTAG_BUILD"):  # the book build's folder, moved (see bookbuild)
         base = Path(os.environ["CATCHTAG_BUILD"]) / "results"
     else:
-        root = Path(__file__).resolve().parents[2]
+        root = Path(__file__).resolve().parents[3]
         base = (root if (root / "pyproject.toml").exists() else Path.cwd()) / "_build" / "results"
     safe = str(model_name).strip().replace("/", "--").replace("\\", "--") or "none"
     return base / f"{chapter}-{safe}.json"
@@ -115,7 +100,7 @@ def library_sha256() -> str:
     """sha256 over the library's Python sources (relative path and bytes, in sorted order)."""
     import hashlib
 
-    package = Path(__file__).resolve().parent
+    package = Path(__file__).resolve().parents[1]
     digest = hashlib.sha256()
     for path in sorted(package.rglob("*.py")):
         digest.update(path.relative_to(package).as_posix().encode() + b"\0")
@@ -180,8 +165,8 @@ def plain(value, digits: int = SIGNIFICANT_DIGITS):
 def results_json(chapter: str, model_name: str, params: dict, data, model=None) -> str:
     """The text of a results file: the same inputs give the same bytes (sorted keys, rounded
     floats, no timestamps, no paths)."""
-    from . import __version__
-    from .errors import CatchtagError
+    from .. import __version__
+    from ..errors import CatchtagError
 
     record = {
         "chapter": chapter,
@@ -261,3 +246,155 @@ def save_results(chapter: str, model_name: str, params: dict, data, model=None) 
     """
     text = results_json(chapter, model_name, params, data, model)
     return write_bytes_atomic(results_path(chapter, model_name), text.encode("utf-8"))
+
+
+# --------------------------------------------------------------------------------------------------
+# One results object per chapter run
+
+SLOTS = ("m1", "m2")  # the chapter's `model` and `compare` parameters, in every chapter
+
+
+class Results:
+    """Every number one chapter run shows, under one name, glued and written once.
+
+    `Results(chapter, params, [model, compare])` with model names (or loaded `Model`s); an empty
+    name ("") is an absent second model. Slots are "m1" (the `model` parameter) and "m2"
+    (`compare`) in every chapter.
+
+    - `put(model, quantity, value, spec="")` keeps the raw value and glues it, formatted with
+      `spec`, as `{chapter}_{slot}_{quantity}` (write {glue:md}`sinks_m1_first_share` in the prose);
+      `put(None, quantity, ...)` is a chapter-level number, glued as `{chapter}_{quantity}`.
+    - `done()` glues "n/a" for every quantity the first model has and an absent second model does
+      not, glues the run time as `{chapter}_seconds`, and writes the results files (see `save`).
+
+    The model's display name is glued as `{chapter}_{slot}_model` at construction. Values are
+    numbers, strings, None or anything `plain` stores (arrays, DataFrames, dicts).
+    """
+
+    def __init__(self, chapter: str, params: dict, models):
+        import time
+
+        self.chapter = chapter
+        self.params = dict(params)
+        self.started = time.time()
+        names = [m if isinstance(m, str) or m is None else m.name for m in models]
+        names = [(n or "") for n in names] + [""] * (len(SLOTS) - len(names))
+        if not names[0]:
+            raise ValueError("Results needs at least the first model's name")
+        self.names = dict(zip(SLOTS, names[: len(SLOTS)]))
+        self._models = {m.name: m for m in models if m is not None and not isinstance(m, str)}
+        self.values: dict[str, dict] = {slot: {} for slot in SLOTS}
+        self.shared: dict = {}
+        for slot, name in self.names.items():
+            if name:
+                self.put(name, "model", self._title(name))
+
+    @staticmethod
+    def _title(name: str) -> str:
+        from ..models import REGISTRY
+
+        spec = REGISTRY.get(name)
+        return spec.title if spec else name
+
+    def slot(self, model) -> str:
+        """'m1' or 'm2' for a model name (or loaded `Model`) of this run."""
+        name = model if isinstance(model, str) else model.name
+        for slot, n in self.names.items():
+            if n and n == name:
+                return slot
+        if name in SLOTS:
+            return name
+        raise ValueError(f"{name!r} is not a model of this run ({', '.join(n for n in self.names.values() if n)})")
+
+    def name(self, model, quantity: str) -> str:
+        """The glue name of a quantity: `{chapter}_{slot}_{quantity}`, or `{chapter}_{quantity}`."""
+        return f"{self.chapter}_{quantity}" if model is None else f"{self.chapter}_{self.slot(model)}_{quantity}"
+
+    def put(self, model, quantity: str, value, spec: str = ""):
+        """Keep `value` and glue it (formatted with `spec`) under `name(model, quantity)`; returns it."""
+        if model is None:
+            self.shared[quantity] = value
+        else:
+            self.values[self.slot(model)][quantity] = value
+        if _is_scalar(value):
+            glue_text(self.name(model, quantity), value, spec)
+        return value
+
+    def put_all(self, model, values: dict, specs: dict | None = None) -> dict:
+        """`put` every item of `values`; `specs` maps quantity -> format spec."""
+        specs = specs or {}
+        for quantity, value in values.items():
+            self.put(model, quantity, value, specs.get(quantity, ""))
+        return values
+
+    def get(self, model, quantity: str, default=None):
+        if model is None:
+            return self.shared.get(quantity, default)
+        return self.values[self.slot(model)].get(quantity, default)
+
+    def done(self) -> list[Path]:
+        """Glue "n/a" for the absent second model's quantities, the run time, and write the files."""
+        import time
+
+        if not self.names["m2"]:
+            for quantity, value in self.values["m1"].items():
+                if _is_scalar(value):
+                    glue_text(f"{self.chapter}_m2_{quantity}", None)
+        glue_text(f"{self.chapter}_seconds", time.time() - self.started, ".0f")
+        return self.save()
+
+    def save(self) -> list[Path]:
+        """Write `<chapter>-<model>.json` for each model (that model's quantities, plus the chapter-
+        level ones) and the index `<chapter>.json` (which model sits in which slot, the parameters,
+        the chapter-level quantities), atomically and byte-identically for the same inputs; no run
+        time, no paths. The reproduction page reads these files and nothing else."""
+        from types import SimpleNamespace
+
+        from ..models import REGISTRY
+
+        paths = []
+        for slot, name in self.names.items():
+            if not name:
+                continue
+            model = self._models.get(name)
+            if model is None:
+                spec = REGISTRY.get(name)
+                model = SimpleNamespace(file_sha256=spec.sha256 if spec else None)
+            data = {"slot": slot, "quantities": self.values[slot], "shared": self.shared}
+            paths.append(save_results(self.chapter, name, self.params, data, model=model))
+        index = {"slots": self.names, "shared": self.shared}
+        text = results_json(self.chapter, "", self.params, index)
+        paths.append(write_bytes_atomic(results_path(self.chapter, "").with_name(f"{self.chapter}.json"),
+                                        text.encode("utf-8")))
+        return paths
+
+
+def _is_scalar(value) -> bool:
+    import numbers
+
+    return value is None or isinstance(value, (numbers.Number, str))
+
+
+def read_results(chapter: str, folder: str | os.PathLike | None = None) -> dict | None:
+    """The numbers one chapter run wrote, by glue-style name without the chapter prefix:
+    {"m1_first_share": 0.93, "m2_model": "Gemma-3-270M (base)", "seconds": ..., ...} plus
+    "params". None when the chapter has not written its index yet."""
+    base = Path(folder) if folder else results_path(chapter, "x").parent
+    index_path = base / f"{chapter}.json"
+    if not index_path.is_file():
+        return None
+    index = json.loads(index_path.read_text())
+    out: dict = {"params": index.get("parameters", {})}
+    out.update(index["data"].get("shared", {}))
+    absent = []
+    for slot, name in index["data"]["slots"].items():
+        if not name:
+            absent.append(slot)
+            continue
+        path = base / results_path(chapter, name).name
+        if path.is_file():
+            data = json.loads(path.read_text())["data"]
+            out.update({f"{slot}_{q}": v for q, v in data["quantities"].items()})
+    for slot in absent:  # an absent model's numbers are None (shown as n/a), not missing
+        out.update({f"{slot}_{k[3:]}": None for k in list(out) if k.startswith("m1_")})
+    return out

@@ -22,7 +22,7 @@ import math
 import numbers
 import os
 
-from .errors import CatchtagError
+from ..errors import CatchtagError
 
 COMMON = ("model", "compare", "eps", "seed", "remote", "n_prompts")
 
@@ -82,7 +82,7 @@ def _as_str(name: str, value) -> str:
 
 
 def _model_name(name: str, value, allow_empty: bool) -> str:
-    from .models import REGISTRY, _unknown_model_message
+    from ..models import REGISTRY, _unknown_model_message
 
     if value is None and allow_empty:
         return ""
@@ -99,7 +99,7 @@ def _model_name(name: str, value, allow_empty: bool) -> str:
 
 
 def _remote(value):
-    from .remote import check_remote
+    from ..remote import check_remote
 
     if isinstance(value, str) and value.strip().lower() in ("true", "false", "local"):
         value = {"true": True, "false": False, "local": "local"}[value.strip().lower()]
@@ -114,7 +114,7 @@ def check_value(name: str, value, kind: type | None = None):
     if name == "compare":
         return _model_name(name, value, allow_empty=True)
     if name == "eps":
-        from .sinks import check_eps
+        from ..sinks import check_eps
 
         return check_eps(value if not isinstance(value, str) else _as_float(name, value))
     if name == "seed":
