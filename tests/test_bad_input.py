@@ -25,7 +25,8 @@ from pathlib import Path
 
 import pytest
 
-from catchtag.book import bookbuild, models
+from catchtag import models
+from catchtag.book import bookbuild
 from catchtag.cli import main
 from catchtag.errors import CatchtagError
 from catchtag.models import REGISTRY
