@@ -1,6 +1,49 @@
-"""Shared fixtures: the two real offline models, loaded once per test session (cached conversion)."""
+"""Shared fixtures: the two real offline models, loaded once per test session (cached conversion).
+
+Which tests are slow is decided here, in one place (`pytest_collection_modifyitems`), not in each
+file: a test is marked `slow` when it uses a real-model fixture (`smollm`, `gemma`, `any_model`),
+lives in a module of SLOW_MODULES, or its own source runs a chapter or loads a real model (the
+calls in SLOW_CALLS). `make test` runs everything (CI); `make test-fast` (`pytest -m "not slow"`)
+skips those, for development, in under a minute. Check with
+`pytest -m "not slow" --durations=15` that no unmarked test takes more than a second or two.
+"""
+
+import inspect
+import re
 
 import pytest
+
+SLOW_FIXTURES = {"smollm", "gemma", "any_model"}
+# Modules whose every test runs a chapter or a real model.
+SLOW_MODULES = {"test_determinism", "test_head_writes", "test_bench"}
+# Calls that run a chapter (papermill, the book build, the shared sinks runs of _chapters.py) or
+# load a real model, found in a test function's own source.
+SLOW_CALLS = re.compile(
+    r"sinks_runs\(|bookbuild\.execute\(|execute_notebook\(|tiny_chapter\(|catchtag\.book\.bookbuild\""
+    r"|load_model\(\s*[\"'](smollm2-135m|gemma3-270m)[\"']\s*\)|load_model\(\s*(name|model_name)\b"
+    r"|\brun_chapter\(|\bnbclient\b"
+)
+
+
+def _runs_something_slow(item) -> bool:
+    function = getattr(item, "function", None)
+    if function is None:
+        return False
+    try:
+        source = inspect.getsource(function)
+    except (OSError, TypeError):
+        return False
+    return bool(SLOW_CALLS.search(source))
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.get_closest_marker("slow"):
+            continue
+        module = item.module.__name__.rpartition(".")[2] if getattr(item, "module", None) else ""
+        if (SLOW_FIXTURES & set(getattr(item, "fixturenames", ()))
+                or module in SLOW_MODULES or _runs_something_slow(item)):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")

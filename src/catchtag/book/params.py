@@ -24,9 +24,6 @@ import os
 
 from ..errors import CatchtagError
 
-COMMON = ("model", "compare", "eps", "seed", "remote", "n_prompts")
-
-
 def _is_int(value) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 

@@ -68,12 +68,6 @@ def save_glued(chapter: str, params: dict, model_names, extra: dict | None = Non
     return paths
 
 
-def write_json_atomic(path: str | os.PathLike, data) -> Path:
-    """Write JSON to `path` through a temporary file in `<folder>/.partial/` and a rename."""
-    text = json.dumps(data, indent=1, sort_keys=True, default=float) + "\n"
-    return write_bytes_atomic(path, text.encode("utf-8"))
-
-
 # --------------------------------------------------------------------------------------------------
 # Results files: deterministic, atomic, and free of secrets
 
