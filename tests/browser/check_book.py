@@ -51,10 +51,10 @@ CHROMEDRIVER = "/usr/bin/chromedriver"
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync",
          "--disable-dev-shm-usage", "--window-size=1280,1000",
-         # offline: no host name but localhost resolves, and what does not need a name (an IP
-         # address) goes to a proxy on a closed port; loopback always bypasses the proxy
-         "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE localhost",
-         "--proxy-server=http://127.0.0.1:9", "--proxy-bypass-list=<-loopback>"]
+         # offline: no host name but localhost (127.0.0.1) resolves, and what does not need a name (an IP
+         # address) goes to a proxy on a closed port; only loopback bypasses the proxy
+         "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE localhost, EXCLUDE 127.0.0.1",
+         "--proxy-server=http://127.0.0.1:9", "--proxy-bypass-list=localhost;127.0.0.1"]
 LOCAL_SCHEMES = ("data:", "blob:", "about:", "chrome:", "chrome-extension:", "devtools:")
 UNTYPESET = r"\\\(|\\\[|\$\$"  # raw TeX delimiters: \( \[ $$ (a JavaScript regular expression)
 UNRESOLVED = re.compile(r"\{(glue|glue:\w+|cite|cite:\w+|doc|ref|numref|eq|download)\}`")
@@ -70,9 +70,15 @@ class QuietHandler(http.server.SimpleHTTPRequestHandler):
         pass
 
 
+class QuietServer(http.server.ThreadingHTTPServer):
+    def handle_error(self, request, client_address):
+        if not isinstance(sys.exc_info()[1], ConnectionError):  # the browser hung up (next page)
+            super().handle_error(request, client_address)
+
+
 def serve(root: Path) -> tuple[socketserver.TCPServer, str]:
     handler = functools.partial(QuietHandler, directory=str(root))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server = QuietServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server, f"http://127.0.0.1:{server.server_address[1]}/"
 
@@ -185,6 +191,8 @@ def network_problems(driver, base: str, where: str) -> list[str]:
                 problems.append(f"{where} request to outside the book: {url[:160]}")
         elif method == "Network.responseReceived":
             response = params["response"]
+            if response["url"] == base + "favicon.ico":
+                continue  # asked for by the browser itself; the book declares none
             if response.get("status", 0) >= 400 and local(response["url"], base):
                 problems.append(f"{where} request {response['url']} answered {response['status']}")
         elif method == "Network.loadingFailed":
@@ -221,6 +229,9 @@ def check(html_dir: Path, shots: Path) -> list[str]:
     fragments: list[tuple[str, str, str]] = []  # (from page, target page, fragment)
     todo, seen, noted = [base + "index.html"], set(), set()
     try:
+        driver.get("about:blank")  # what the browser loaded at start (its new-tab page) is not the book's
+        driver.get_log("performance")
+        driver.get_log("browser")
         while todo:
             url = todo.pop(0)
             if url in seen:
