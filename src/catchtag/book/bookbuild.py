@@ -24,6 +24,12 @@ Colab and does nothing elsewhere. The staged copy of each executed notebook ends
 its run time, date and parameters. A *summary page* (front matter `catchtag: {summary: true}`, e.g.
 book/reproduction.md) reads the other chapters' executed notebooks: it is executed after them, and
 its cache key includes theirs, so it is rerun whenever one of them changes.
+
+The built book reads offline: MathJax (from the pinned PyPI package django-static-mathjax) is
+staged in `_mathjax/` and served from `_static/mathjax/` (`mathjax_path` in _config.yml), so no
+page fetches anything from outside. The repository the Colab cell installs from and the launch
+buttons open is `repository.url` of _config.yml, or $CATCHTAG_REPO_URL when set (`make book
+REPO_URL=...`); the staged _config.yml and every staged install cell carry that one URL.
 """
 
 from __future__ import annotations
