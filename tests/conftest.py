@@ -2,8 +2,8 @@
 
 Which tests are slow is decided here, in one place (`pytest_collection_modifyitems`), not in each
 file: a test is marked `slow` when it uses a real-model fixture (`smollm`, `gemma`, `any_model`),
-lives in a module of SLOW_MODULES, or its own source runs a chapter or loads a real model (the
-calls in SLOW_CALLS). `make test` runs everything (CI); `make test-fast` (`pytest -m "not slow"`)
+lives in a module of SLOW_MODULES, or its own source runs a chapter, loads a real model or starts
+the command line in a new interpreter (the calls in SLOW_CALLS). `make test` runs everything (CI); `make test-fast` (`pytest -m "not slow"`)
 skips those, for development, in under a minute. Check with
 `pytest -m "not slow" --durations=15` that no unmarked test takes more than a second or two.
 """
@@ -16,12 +16,13 @@ import pytest
 SLOW_FIXTURES = {"smollm", "gemma", "any_model"}
 # Modules whose every test runs a chapter or a real model.
 SLOW_MODULES = {"test_determinism", "test_head_writes", "test_bench"}
-# Calls that run a chapter (papermill, the book build, the shared sinks runs of _chapters.py) or
-# load a real model, found in a test function's own source.
+# Calls that run a chapter (papermill, the book build, the shared sinks runs of _chapters.py), load
+# a real model, or start the command line in a new interpreter (torch and transformers imported
+# afresh: seconds each), found in a test function's own source.
 SLOW_CALLS = re.compile(
     r"sinks_runs\(|bookbuild\.execute\(|execute_notebook\(|tiny_chapter\(|catchtag\.book\.bookbuild\""
     r"|load_model\(\s*[\"'](smollm2-135m|gemma3-270m)[\"']\s*\)|load_model\(\s*(name|model_name)\b"
-    r"|\brun_chapter\(|\bnbclient\b"
+    r"|\brun_chapter\(|\bnbclient\b|sys\.executable,\s*\"-m\",\s*\"catchtag"
 )
 
 
