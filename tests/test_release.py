@@ -163,3 +163,17 @@ def test_gemma_edits_land_after_the_post_attention_norm(gemma):
         handle.remove()
     assert torch.allclose(logits[0], hooked, atol=2e-3)
     assert not torch.allclose(logits[0], _logits(gemma, cap.input_ids), atol=1e-2)
+
+
+def test_summary_text_and_later_head_table():
+    eff = pd.DataFrame([dict(prompt=p, condition=c, shift=v + 0.01 * p, dloss=0.0, dcontrast=0.0)
+                        for p in range(5) for c, v in zip(CONDITIONS, (1.0, 0.5, 0.5, 0.1))])
+    from catchtag.release import later_head_table, release_summary_text
+
+    text = release_summary_text(effect_summary(eff), 5)
+    assert text.startswith("5 prompts") and "1.020" in text and "0.120" in text and "0.900" in text
+    assert "not tested" in release_summary_text(None)
+    ph = pd.DataFrame(dict(condition=["removed"] * 4, layer=[1, 1, 1, 1], head=[0, 0, 1, 1], prompt=[0, 1, 0, 1],
+                           dcontrast=[0.1, 0.3, 0.0, 0.0], contrast_clean=[0.5, 0.5, 0.0, 0.2]))
+    t = later_head_table(ph)
+    assert t.dcontrast.tolist() == pytest.approx([0.2, 0.0]) and t.contrast_clean.tolist() == pytest.approx([0.5, 0.1])

@@ -248,7 +248,7 @@ def test_value_space_ev_matches_a_direct_computation():
     other = value_space_ev(m, caps, stats=sts, seed=4, progress=False)
     assert not np.allclose(t.ve_random_subspace.dropna(), other.ve_random_subspace.dropna())
     s = ev_summary(t)
-    assert s["n_heads"] == int(t.ve_tags.notna().sum()) and s["ve_tags_median"] == pytest.approx(t.ve_tags.median())
+    assert s["n_ve_heads"] == int(t.ve_tags.notna().sum()) and s["ve_tags_median"] == pytest.approx(t.ve_tags.median())
 
 
 def test_tag_geometry_planted():

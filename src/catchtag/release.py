@@ -383,3 +383,26 @@ def verdict_release(findings: dict[str, str]) -> str:
         return OFFLINE
     yes = [f == "retrieval" for f in tested]
     return REPRODUCED if all(yes) else PARTLY if any(yes) else NOT_REPRODUCED
+
+
+def release_summary_text(summary: pd.DataFrame | None, n_prompts: int = 0) -> str:
+    """One line for the reproduction page from `effect_summary`: the shift of later heads'
+    segment contrast under tag removal and under the random edit, with their 95% CIs, and the
+    paired difference; or why there is no test."""
+    if summary is None or len(summary) == 0:
+        return "no catching '.' sink in enough prompts: not tested"
+    s = summary.set_index(["measure", "contrast"])
+
+    def ci(meas, c, spec=".3f"):
+        r = s.loc[(meas, c)]
+        return f"{r['mean']:{spec}} [{r['low']:{spec}}, {r['high']:{spec}}]"
+
+    return (f"{n_prompts} prompts; segment-contrast shift, tag removed {ci('shift', 'removed')} vs random "
+            f"{ci('shift', 'random')} (difference {ci('shift', 'removed - random')}); "
+            f"Δloss removed − random {ci('dloss', 'removed - random')} nats")
+
+
+def later_head_table(per_head: pd.DataFrame) -> pd.DataFrame:
+    """Mean over prompts of `dcontrast` per (condition, layer, head), and the clean contrast."""
+    g = per_head.groupby(["condition", "layer", "head"])
+    return g[["dcontrast", "contrast_clean"]].mean().reset_index()

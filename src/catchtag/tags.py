@@ -525,7 +525,7 @@ def value_space_ev(
 def ev_summary(table: pd.DataFrame) -> dict:
     """Medians of every `ve_*`/`ve2_*` column of `value_space_ev` (and of `ev`, `ev_raw` of
     `head_explained_variance` if present) over the heads that have a value, keyed
-    `<column>_median`; `n_heads` counts heads with a VE; `ve_share_20_40` / `ve_share_above_70`: the
+    `<column>_median`; `n_ve_heads` counts heads with a VE; `ve_share_20_40` / `ve_share_above_70`: the
     share of those heads whose paper VE lies in the paper's 20%–40% band / above 70%."""
     out = {}
     for c in table.columns:
@@ -533,7 +533,7 @@ def ev_summary(table: pd.DataFrame) -> dict:
             x = table[c].dropna()
             out[f"{c}_median"] = float(x.median()) if len(x) else float("nan")
     ve = table["ve_tags"].dropna() if "ve_tags" in table else pd.Series(dtype=float)
-    out["n_heads"] = int(len(ve))
+    out["n_ve_heads"] = int(len(ve))
     out["ve_share_20_40"] = float(((ve >= 0.2) & (ve <= 0.4)).mean()) if len(ve) else float("nan")
     out["ve_share_above_70"] = float((ve > 0.7).mean()) if len(ve) else float("nan")
     return out
@@ -608,19 +608,21 @@ def tag_geometry(
             continue
         R = torch.stack(vecs)
         C = (R @ R.T).numpy()
-        for a in range(len(meta)):
-            la, ha, ka, sa, va = meta[a]
-            for b in range(a + 1, len(meta)):
-                lb, hb, kb, sb, vb = meta[b]
-                if la == lb and ha == hb:
-                    cv = float(va @ vb / (va.norm() * vb.norm()).clamp_min(1e-12))
-                    pair_rows.append(dict(prompt=p, kind="same head", cos=float(C[a, b]), cos_value=cv))
-                elif la == lb:
-                    if ka != kb:
-                        pair_rows.append(dict(prompt=p, kind="same layer", cos=float(C[a, b]), cos_value=np.nan))
-                else:
-                    pair_rows.append(dict(prompt=p, kind="across layers", cos=float(C[a, b]), cos_value=np.nan))
-    pairs = pd.DataFrame(pair_rows, columns=["prompt", "kind", "cos", "cos_value"])
+        L_, H_, K_ = (np.array([x[i] for x in meta]) for i in range(3))
+        iu, ju = np.triu_indices(len(meta), k=1)
+        same_layer = L_[iu] == L_[ju]
+        same_head = same_layer & (H_[iu] == H_[ju])
+        for kind, sel in (("same head", same_head), ("same layer", same_layer & ~same_head & (K_[iu] != K_[ju])),
+                          ("across layers", ~same_layer)):
+            ia, ib = iu[sel], ju[sel]
+            cv = np.full(len(ia), np.nan)
+            if kind == "same head" and len(ia):
+                va = torch.stack([meta[i][4] for i in ia])
+                vb = torch.stack([meta[i][4] for i in ib])
+                cv = ((va * vb).sum(-1) / (va.norm(dim=-1) * vb.norm(dim=-1)).clamp_min(1e-12)).numpy()
+            pair_rows.append(pd.DataFrame(dict(prompt=p, kind=kind, cos=C[ia, ib], cos_value=cv)))
+    cols = ["prompt", "kind", "cos", "cos_value"]
+    pairs = pd.concat(pair_rows, ignore_index=True)[cols] if pair_rows else pd.DataFrame(columns=cols)
     sinks = pd.DataFrame(sink_rows, columns=["prompt", "layer", "head", "position", "kind", "value_ratio",
                                              "noop", "cos_tokens"])
     return pairs, sinks
