@@ -125,10 +125,14 @@ def test_bootstrap_and_verdict_by_hand():
     eff.loc[eff.condition == "random", "shift"] = 2.0
     assert model_release_finding(effect_summary(eff)) == "none"
     assert model_release_finding(None) == "untested"
-    assert verdict_release({"a": "retrieval", "b": "untested"}) == "reproduced"
+    assert verdict_release({"a": "retrieval", "b": "retrieval"}) == "reproduced"
+    assert verdict_release({"a": "retrieval", "b": "untested"}) == "partly"
+    assert verdict_release({"a": "none", "b": "untested"}) == "not reproduced"
     assert verdict_release({"a": "retrieval", "b": "none"}) == "partly"
     assert verdict_release({"a": "none"}) == "not reproduced"
     assert verdict_release({"a": "untested"}) == "not testable offline"
+    with pytest.raises(CatchtagError):
+        verdict_release({})
 
 
 @pytest.mark.slow

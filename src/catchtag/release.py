@@ -375,14 +375,18 @@ def model_release_finding(summary: pd.DataFrame | None) -> str:
 
 def verdict_release(findings: dict[str, str]) -> str:
     """The verdict on "later layers retrieve tokens by their tag" from each model's
-    `model_release_finding`: "reproduced" when every tested model shows retrieval beyond the random
-    edit, "partly" when some do, "not reproduced" when none does, "not testable offline" when no
-    model could be tested (no catching '.' sink)."""
-    tested = [f for f in findings.values() if f != "untested"]
-    if not tested:
+    `model_release_finding`: "reproduced" when every model was tested and shows retrieval beyond
+    the random edit, "partly" when some model shows it (and another does not, or could not be
+    tested), "not reproduced" when no tested model shows it, "not testable offline" when no model
+    could be tested (no catching '.' sink in enough prompts)."""
+    if not findings:
+        raise CatchtagError("verdict_release needs at least one model's finding")
+    values = list(findings.values())
+    if all(f == "untested" for f in values):
         return OFFLINE
-    yes = [f == "retrieval" for f in tested]
-    return REPRODUCED if all(yes) else PARTLY if any(yes) else NOT_REPRODUCED
+    if all(f == "retrieval" for f in values):
+        return REPRODUCED
+    return PARTLY if "retrieval" in values else NOT_REPRODUCED
 
 
 def release_summary_text(summary: pd.DataFrame | None, n_prompts: int = 0) -> str:
