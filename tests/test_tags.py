@@ -265,6 +265,7 @@ def test_tag_geometry_planted():
     assert len(same) >= 1
     # the two tags of head 0 are e_4 (scaled) and e_3: orthogonal, in value and in residual space
     assert same.cos.abs().max() < 1e-6 and same.cos_value.abs().max() < 1e-6
+    assert np.allclose(pairs.cos, pairs.cos_wo)  # no post-attention norm: the same space
     h0 = sinks[(sinks.layer == 0) & (sinks["head"] == 0)].set_index("position")
     assert bool(h0.loc[0, "noop"]) and not bool(h0.loc[DOT, "noop"])
     assert h0.loc[0, "kind"] == "first" and h0.loc[DOT, "kind"] == "punctuation"

@@ -557,7 +557,8 @@ def tag_geometry(
     times the post-attention norm's gain; the per-position rms does not change a direction), so
     tags of different heads and layers can be compared. Returns (pairs, sinks):
 
-    - `pairs`: one row per pair of sinks of one prompt with columns prompt, kind, cos, where kind
+    - `pairs`: one row per pair of sinks of one prompt with columns prompt, kind, cos (residual
+      stream), cos_wo (the same before the post-attention norm's gain: W_O^h v_s), where kind
       is "same head" (two sinks of one head; also `cos_value`, the cosine of the value vectors, the
       paper's tags), "same layer" (two heads of one layer that read different kv heads; query heads
       sharing a kv head have identical value spaces and are skipped) or "across layers";
@@ -581,11 +582,12 @@ def tag_geometry(
     pair_rows, sink_rows = [], []
     for p, (cap, st) in progress_bar(list(enumerate(zip(caps, stats))), "tag geometry", enabled=progress):
         sk = st.sinks(eps)
-        vecs, meta = [], []
+        vecs, meta, wos = [], [], []
         for li, layer in enumerate(st.layers):
             ai = cap.attn_inputs[layer]
             T = ai.v.shape[1]
-            t_all = to_residual(model, layer, per_head_project(model, layer, ai.v)).double()  # (H, T, d)
+            wo_all = per_head_project(model, layer, ai.v).double()  # (H, T, d): W_O^h v_j
+            t_all = to_residual(model, layer, wo_all)  # (H, T, d): as it enters the residual stream
             norms = t_all.norm(dim=-1)  # (H, T)
             x = None
             if cap.resid_post is not None and layer > 0:
@@ -603,11 +605,14 @@ def tag_geometry(
                                           kind=token_kind(cap.tokens[s], s), value_ratio=ratio,
                                           noop=bool(ratio < noop_ratio), cos_tokens=ct))
                     vecs.append(r)
+                    wos.append(wo_all[h, s] / wo_all[h, s].norm().clamp_min(1e-12))
                     meta.append((layer, h, h // group, s, ai.v[h, s].double()))
         if len(vecs) < 2:
             continue
         R = torch.stack(vecs)
         C = (R @ R.T).numpy()
+        W = torch.stack(wos)
+        Cw = (W @ W.T).numpy()
         L_, H_, K_ = (np.array([x[i] for x in meta]) for i in range(3))
         iu, ju = np.triu_indices(len(meta), k=1)
         same_layer = L_[iu] == L_[ju]
@@ -620,8 +625,8 @@ def tag_geometry(
                 va = torch.stack([meta[i][4] for i in ia])
                 vb = torch.stack([meta[i][4] for i in ib])
                 cv = ((va * vb).sum(-1) / (va.norm(dim=-1) * vb.norm(dim=-1)).clamp_min(1e-12)).numpy()
-            pair_rows.append(pd.DataFrame(dict(prompt=p, kind=kind, cos=C[ia, ib], cos_value=cv)))
-    cols = ["prompt", "kind", "cos", "cos_value"]
+            pair_rows.append(pd.DataFrame(dict(prompt=p, kind=kind, cos=C[ia, ib], cos_wo=Cw[ia, ib], cos_value=cv)))
+    cols = ["prompt", "kind", "cos", "cos_wo", "cos_value"]
     pairs = pd.concat(pair_rows, ignore_index=True)[cols] if pair_rows else pd.DataFrame(columns=cols)
     sinks = pd.DataFrame(sink_rows, columns=["prompt", "layer", "head", "position", "kind", "value_ratio",
                                              "noop", "cos_tokens"])
@@ -640,12 +645,13 @@ def random_abs_cos(d: int, n: int = 20000, seed: int = 0) -> float:
 
 def geometry_summary(pairs: pd.DataFrame, sinks: pd.DataFrame) -> dict:
     """Medians of |cos| by pair kind (`cos_same_head`, `cos_value_same_head`, `cos_same_layer`,
-    `cos_across_layers`), `cos_tokens` (median over sinks), and the share of no-op sinks among
+    `cos_across_layers`, and `cos_wo_*` before the post-attention norm's gain), `cos_tokens` (median over sinks), and the share of no-op sinks among
     first-token sinks (`noop_first`) and the others (`noop_other`), with their counts."""
     out = {}
     for kind, key in (("same head", "same_head"), ("same layer", "same_layer"), ("across layers", "across_layers")):
         sel = pairs[pairs.kind == kind]
         out[f"cos_{key}"] = float(sel.cos.abs().median()) if len(sel) else float("nan")
+        out[f"cos_wo_{key}"] = float(sel.cos_wo.abs().median()) if len(sel) else float("nan")
         out[f"n_{key}"] = int(len(sel))
     sel = pairs[pairs.kind == "same head"]
     out["cos_value_same_head"] = float(sel.cos_value.abs().median()) if len(sel) else float("nan")
