@@ -32,7 +32,6 @@ AttnInputs and logits.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Sequence
 
@@ -123,8 +122,7 @@ def capture_edited(
                 saved.append((args[1], args[2], args[3], args[4] if len(args) > 4 else kw.get("attention_mask"),
                               kw.get("scaling"), kw.get("sliding_window"), kw.get("s_aux"), kw.get("softcap")))
             if l in D:
-                site = (block.post_attention_layernorm if post_attention_norm(model, l) is not None
-                        else block.self_attn.o_proj)
+                site = edit_site(model, l)
                 site.output = site.output + D[l].to(site.output.dtype)
         logits = nnsight.save(lm.lm_head.output)
     H = model.n_heads

@@ -169,7 +169,8 @@ def head_explained_variance(
     per_prompt: bool = False,
     progress: bool = True,
 ) -> pd.DataFrame:
-    """Variance of each head's output explained by its tag subspace (the book's §3.2 statistic).
+    """EV (ours, centred): variance of each head's output explained by its tag subspace, over the
+    caught tokens, in W_O space (the paper's own measure is `value_space_ev`).
 
     For every prompt, layer and head: H = head outputs o_i of the tokens caught by one of the head's
     sinks, sinks themselves excluded, centred over those tokens; P = projector on the span of the
