@@ -181,3 +181,50 @@ def test_summary_text_and_later_head_table():
                            dcontrast=[0.1, 0.3, 0.0, 0.0], contrast_clean=[0.5, 0.5, 0.0, 0.2]))
     t = later_head_table(ph)
     assert t.dcontrast.tolist() == pytest.approx([0.2, 0.0]) and t.contrast_clean.tolist() == pytest.approx([0.5, 0.1])
+
+
+def _tiny_gpt_oss():
+    """A random-initialised two-layer gpt-oss (learned sink logits, a sliding layer), built here."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import WhitespaceSplit
+    from transformers import GptOssConfig, GptOssForCausalLM, PreTrainedTokenizerFast
+
+    from _planted import PLANTED_VOCAB
+    from catchtag.models import _wrap
+
+    cfg = GptOssConfig(vocab_size=len(PLANTED_VOCAB), hidden_size=64, intermediate_size=32, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=2,
+                       num_experts_per_tok=1, sliding_window=8, layer_types=["sliding_attention", "full_attention"],
+                       max_position_embeddings=64, attn_implementation="eager")
+    torch.manual_seed(0)
+    hf = GptOssForCausalLM(cfg).float()
+    with torch.no_grad():
+        for layer in hf.model.layers:
+            layer.self_attn.sinks.copy_(torch.randn_like(layer.self_attn.sinks))
+    tk = Tokenizer(WordLevel({t: i for i, t in enumerate(PLANTED_VOCAB)}, unk_token="a"))
+    tk.pre_tokenizer = WhitespaceSplit()
+    return _wrap("tiny-gpt-oss", hf, PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="a"), False, None,
+                 source="tests/test_release.py")
+
+
+def test_edited_capture_keeps_sink_logits_on_gpt_oss():
+    """Issue 12 item 3: the edited runs must keep the learned sink logits (one capture path)."""
+    m = _tiny_gpt_oss()
+    text = "<s> a b c d e . f a b c d e f a b"
+    cap = capture(m, text, logits=True, progress=False)[0]
+    logits, attn = capture_edited(m, cap.input_ids, [{}, {0: torch.ones(len(cap.tokens), 64)}], layers=[0, 1])
+    assert torch.allclose(logits[0], cap.logits, atol=1e-5)
+    for l in (0, 1):
+        a, b = attn[l][0], cap.attn_inputs[l]
+        assert a.sink_logits is not None and torch.equal(a.sink_logits, b.sink_logits)
+        assert a.sliding_window == b.sliding_window
+        assert torch.allclose(attention_probs(a), attention_probs(b), atol=1e-6)
+        assert float(attention_probs(a).sum(-1).max()) < 1.0  # rows sum below 1, as the model computes
+    o_proj = m.hf.model.layers[0].self_attn.o_proj
+    handle = o_proj.register_forward_hook(lambda mod, inp, out: out + 1.0)
+    try:
+        hooked = _logits(m, cap.input_ids)
+    finally:
+        handle.remove()
+    assert torch.allclose(logits[1], hooked, atol=1e-5) and not torch.allclose(logits[1], logits[0], atol=1e-3)
