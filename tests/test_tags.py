@@ -11,10 +11,8 @@ import torch
 from catchtag.capture import capture, head_outputs
 from catchtag.errors import CatchtagError
 from catchtag.sinks import sink_stats
+from _planted import F_TAG_BOS, F_TAG_DOT, PLANTED_TEXT, planted_model
 from catchtag.tags import (
-    F_TAG_BOS,
-    F_TAG_DOT,
-    PLANTED_TEXT,
     PROMPTS,
     catch_by_layer,
     ev_bands,
@@ -24,7 +22,6 @@ from catchtag.tags import (
     head_tags,
     orthonormal_basis,
     pca_by_sink,
-    planted_model,
     project,
     prompts,
     remove,
@@ -32,6 +29,15 @@ from catchtag.tags import (
     tag_cosines,
     tag_vectors,
     token_catch_summary,
+    cosine_summary,
+    ev_summary,
+    geometry_summary,
+    random_abs_cos,
+    tag_geometry,
+    tag_plane,
+    two_sink_head,
+    value_space_ev,
+    verdict_tag_direction,
 )
 
 DOT = 6  # position of "." in PLANTED_TEXT
@@ -177,6 +183,7 @@ def test_prompts():
         prompts(len(PROMPTS) + 1)
 
 
+@pytest.mark.slow
 def test_smollm_tags_and_ev_are_sane(smollm):
     caps = capture(smollm, prompts(2), layers=[0, 3, 10, 20], resid=False, progress=False)
     sts = [sink_stats(c) for c in caps]
@@ -190,3 +197,105 @@ def test_smollm_tags_and_ev_are_sane(smollm):
     assert ok.ev.median() > 10 * (ok.n_tags / smollm.d_model).median()
     tc = tag_cosines(smollm, caps[0], sts[0], 10)
     assert tc[tc.caught].cos.mean() > tc[~tc.caught].cos.mean()
+
+
+def _perturbed():
+    """The planted model with head 0 also reading noise dimension 8 (value dim 2 -> residual dim 6),
+    so its outputs leave the tag plane; weaker sinks."""
+    m = planted_model(sink_strength=0.2)
+    with torch.no_grad():
+        m.hf.model.layers[0].self_attn.v_proj.weight[2, 8] = 4.0
+        m.hf.model.layers[0].self_attn.o_proj.weight[6, 2] = 5.0
+    return m
+
+
+def test_value_space_ev_planted_is_one(planted):
+    m, cap, st = planted
+    t = value_space_ev(m, cap, progress=False)
+    r = t[(t.layer == 0) & (t["head"] == 0)].iloc[0]
+    # head 0's values are non-zero only at "<s>" and ".", its two sinks: A V lies in their span
+    assert r.ve_tags == pytest.approx(1.0, abs=1e-9) and r.ve2_tags == pytest.approx(1.0, abs=1e-9)
+    assert r.ve_mean_value < 0.99  # one direction cannot hold two orthogonal tags
+    assert r.n_tags == 2 and r.n_prompts == 1
+    assert t[(t.layer == 0) & (t["head"] == 1)].ve_tags.isna().all()  # no sink
+
+
+def test_value_space_ev_matches_a_direct_computation():
+    from catchtag.capture import attention_probs
+
+    m = _perturbed()
+    texts = [PLANTED_TEXT, "<s> b c a d . e f a b c d e f a b c d e f a b"]
+    caps = capture(m, texts, progress=False)
+    sts = [sink_stats(c) for c in caps]
+    t = value_space_ev(m, caps, stats=sts, seed=3, progress=False)
+    nums, dens, mnums = [], [], []
+    for cap, st in zip(caps, sts):
+        ai = cap.attn_inputs[0]
+        X = attention_probs(ai)[0].double() @ ai.v[0].double()
+        sinks = torch.nonzero(st.sinks(0.2)[0, 0]).flatten().tolist()
+        Q, _ = torch.linalg.qr(ai.v[0, sinks].double().T)
+        mu = ai.v[0].double().mean(0)
+        nums.append(float(((X @ Q) ** 2).sum()))
+        mnums.append(float(((X @ (mu / mu.norm())) ** 2).sum()))
+        dens.append(float((X**2).sum()))
+    r = t[(t.layer == 0) & (t["head"] == 0)].iloc[0]
+    assert r.ve2_tags == pytest.approx(sum(nums) / sum(dens), rel=1e-9)
+    assert r.ve_tags == pytest.approx(math.sqrt(sum(nums) / sum(dens)), rel=1e-9)
+    assert r.ve2_mean_value == pytest.approx(sum(mnums) / sum(dens), rel=1e-9)
+    assert 0.05 < r.ve2_tags < 0.999
+    again = value_space_ev(m, caps, stats=sts, seed=3, progress=False)
+    pd.testing.assert_frame_equal(t, again)  # same seed, same numbers
+    other = value_space_ev(m, caps, stats=sts, seed=4, progress=False)
+    assert not np.allclose(t.ve_random_subspace.dropna(), other.ve_random_subspace.dropna())
+    s = ev_summary(t)
+    assert s["n_ve_heads"] == int(t.ve_tags.notna().sum()) and s["ve_tags_median"] == pytest.approx(t.ve_tags.median())
+
+
+def test_tag_geometry_planted():
+    m = _perturbed()
+    with torch.no_grad():  # the "<s>" value almost vanishes: a no-op sink; "." still broadcasts
+        m.hf.model.layers[0].self_attn.v_proj.weight[0, 0] = 0.01
+        m.hf.model.layers[0].self_attn.k_proj.weight[3, 0] = 0.6
+        m.hf.model.layers[0].self_attn.v_proj.weight[1, 2] = 20.0  # a large "." tag
+    cap = capture(m, PLANTED_TEXT, progress=False)[0]
+    st = sink_stats(cap)
+    assert st.sinks(0.2)[0, 0, 0] and st.sinks(0.2)[0, 0, DOT]
+    pairs, sinks = tag_geometry(m, cap, stats=[st], progress=False)
+    same = pairs[pairs.kind == "same head"]
+    assert len(same) >= 1
+    # the two tags of head 0 are e_4 (scaled) and e_3: orthogonal, in value and in residual space
+    assert same.cos.abs().max() < 1e-6 and same.cos_value.abs().max() < 1e-6
+    assert np.allclose(pairs.cos, pairs.cos_wo)  # no post-attention norm: the same space
+    h0 = sinks[(sinks.layer == 0) & (sinks["head"] == 0)].set_index("position")
+    assert bool(h0.loc[0, "noop"]) and not bool(h0.loc[DOT, "noop"])
+    assert h0.loc[0, "kind"] == "first" and h0.loc[DOT, "kind"] == "punctuation"
+    assert np.isnan(h0.loc[0, "cos_tokens"])  # layer 0: no representation before it
+    g = geometry_summary(pairs, sinks)
+    assert g["cos_same_head"] == pytest.approx(0.0, abs=1e-6)
+    assert 0.0 <= g["noop_first"] <= 1.0
+
+
+def test_random_abs_cos_scale():
+    assert random_abs_cos(100) == pytest.approx(0.6745 / 10, rel=0.05)
+
+
+def test_two_sink_head_and_tag_plane(planted):
+    m, cap, st = planted
+    best = two_sink_head(segment_table(st, 0.2))
+    assert best == (0, 0, 0, [DOT, 0]) or best == (0, 0, 0, [0, DOT])
+    ht = head_tags(m, cap, st, 0)[0]
+    xy, txy = tag_plane(ht["tags"], ht["outputs"])
+    assert xy.shape == (len(cap.tokens), 2) and txy[0, 1] == pytest.approx(0.0, abs=1e-9)
+    assert txy[0, 0] > 0 and txy[1, 1] > 0
+
+
+def test_cosine_summary_and_verdict_by_hand():
+    cos = pd.DataFrame(dict(sink=[0, 0, 5, 5], caught=[True, False, True, False], cos=[0.9, 0.1, 0.7, 0.3]))
+    s = cosine_summary(cos)
+    assert s["cos_caught"] == pytest.approx(0.8) and s["cos_not"] == pytest.approx(0.2)
+    assert s["cos_caught_other"] == 0.7 and s["cos_not_other"] == 0.3
+    assert verdict_tag_direction({"a": (0.8, 0.2), "b": (0.7, 0.1)}) == "reproduced"
+    assert verdict_tag_direction({"a": (0.8, 0.2), "b": (0.4, 0.1)}) == "partly"
+    assert verdict_tag_direction({"a": (0.6, 0.5)}) == "not reproduced"
+    with pytest.raises(CatchtagError):
+        verdict_tag_direction({})

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import random
 
+import numpy as np
+
 from .errors import CatchtagError
 
 PASSAGES = [
@@ -64,3 +66,54 @@ def emotion_prompt(separator: str = " ") -> tuple[str, list[tuple[int, int]]]:
         spans.append((len(text), len(text) + len(sentence)))
         text += sentence
     return text, spans
+
+
+# --------------------------------------------------------------------------------------------------
+# Stories: longer passages of three sentences (the catch, tag and qknorm chapters; written by the
+# catchtag authors; several sentences each, some with line breaks; moved here from catchtag.tags)
+
+STORIES: list[str] = [
+    "The storm rolled in over the hills. Farmers hurried to bring the cattle inside. By nightfall, "
+    "the rain had flooded the lower fields.",
+    "She opened the letter with shaking hands. It was from her brother, who had been gone for ten "
+    "years. He wrote that he was coming home.",
+    "Preheat the oven to two hundred degrees. Mix the flour, sugar and butter in a large bowl. Pour "
+    "the batter into a tin and bake it for forty minutes.",
+    "The museum opens at nine in the morning. Tickets are cheaper for students and children. On "
+    "Sundays, the top floor is closed for cleaning.",
+    "My grandfather kept bees behind his house. Every summer he gave jars of honey to the "
+    "neighbours. Nobody ever got stung, except him.",
+    "The train was late again this morning. Most passengers waited quietly on the platform. A few "
+    "gave up and called a taxi instead.",
+    "Water boils at a lower temperature on a mountain. The air pressure there is lower than at sea "
+    "level. This is why pasta takes longer to cook at altitude.",
+    "Dear Anna,\nThank you for the lovely flowers. They brightened up the whole kitchen. I hope we "
+    "can meet again soon.\nBest wishes,\nMaria",
+    "Shopping list:\n- two loaves of bread\n- a dozen eggs\n- fresh tomatoes\nRemember to pay the "
+    "electricity bill as well.",
+    "The meeting started ten minutes late. The manager apologised and went straight to the budget. "
+    "Nobody asked any questions until the very end.",
+    "Cats sleep for most of the day. They are most active at dawn and at dusk. Many owners find "
+    "this pattern hard to get used to.",
+    "He missed the last bus, so he walked home. The streets were empty and quiet. When he finally "
+    "arrived, the lights were still on.",
+    "The river freezes every winter. Children skate on it when the ice is thick enough. In spring, "
+    "the melting ice makes a loud cracking noise.",
+    "I tried to fix the bicycle myself. First the chain came off, then a tyre went flat. In the end "
+    "I took it to the shop on the corner.",
+    "The library is moving to a new building. All books must be returned by Friday. The new "
+    "reading room will have large windows and more seats.",
+    "Question: Why is the sky blue?\nAnswer: Sunlight is scattered by the air. Blue light is "
+    "scattered more than red light, so the sky looks blue.",
+]
+
+
+def story_prompts(n: int | None = None, seed: int = 0) -> list[str]:
+    """`n` of the book's prompts (all when n is None), in a fixed order shuffled by `seed`."""
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+        raise CatchtagError(f"n_prompts={n!r} is not valid: use a whole number >= 1")
+    order = np.random.default_rng(seed).permutation(len(STORIES)) if seed else np.arange(len(STORIES))
+    chosen = [STORIES[i] for i in order]
+    if n is not None and n > len(chosen):
+        raise CatchtagError(f"n_prompts={n} is more than the {len(STORIES)} prompts in catchtag.prompts.STORIES")
+    return chosen if n is None else chosen[:n]

@@ -1,34 +1,37 @@
-"""Release: do later layers retrieve caught tokens by their tag? A causal test and a geometric one.
+"""Release: do later layers retrieve the tokens a prompt-dependent sink caught, by their tag?
 
-Causal test (ours; PAPER.md "Release"). For a sink head (l, h) and one prompt, let S be the tokens
-the head catches (sinks excluded) and P_h the projector on the head's tag subspace. We rerun the
-prompt with the head's output changed at the tokens of S only, by adding a vector delta_i to the
-output of layer l's `o_proj` (the attention block's output, before any post-attention norm):
+The test (ours; the paper states the mechanism and shows it by construction in §7). Take prompts
+where a statement-final "." (or a line break) is a sink that catches the tokens after it in one or
+more heads ("catching heads", `dot_sinks`). Rerun the prompt with, at once in every catching head
+(l, h) and at every token i the head catches, the sink's contribution to the head's output changed:
 
-- "tag": delta_i = -P_h o_i^h, the tag component of the head output is removed;
-- "random": delta_i = -||P_h o_i^h|| u, with u a random unit direction (one per prompt and head):
-  the same amount of change, in a direction that is not the tag;
-- "control": the same removal for a control head h' of the same layer without sinks in that prompt
-  (or, where every head has one, the head with the weakest largest alpha): its "pseudo tag" is
-  W_O^{h'} v_k for the key k it attends to most, removed from o_i^{h'} at the same tokens S.
+- "removed": A_is W_O^h v_s is taken out (the tag this head gave token i);
+- "swap first": v_s replaced by the first token's value v_0 of the same head;
+- "swap other": v_s replaced by the value of another prompt's "." sink in the same head;
+- "random": an edit of the same norm as "removed", ||A_is W_O^h v_s|| u_h, along one random unit
+  direction u_h inside the head's W_O column space (so it is a vector the head could write).
 
-The four runs (clean and the three ablations) go through the model as one batch of four copies of
-the prompt in a single nnsight trace, so they share everything but the edit; nnsight applies the
-edit inside that trace only, and the model is unchanged afterwards (a test checks it). We measure,
-against the clean run: the next-token loss (mean cross-entropy over the positions from the first
-token of S on), and, for every head of every later layer, the attention its queries put on S
-(`mass`) and the total-variation distance between clean and ablated attention rows (`tv`).
+Edits are made where the head's write reaches the residual stream: on the output of `o_proj`, or,
+for a model with a post-attention norm (Gemma), on the norm's output, mapped there with the clean
+run's rms (`catchtag.capture.to_residual`), so the edit never changes the rms the other heads are
+divided by. Deltas are computed from the clean run; an edit in an early layer also changes what
+later catching heads compute, which the later edits do not follow (stated in the chapter).
 
-Geometric test (ours). Retrieval by tag needs later heads whose queries point at the key that the
-tag produces. For a later layer l' we map the tag, as it enters the residual stream, through l''s
-input norm, k_proj (and k_norm where the model has it) to a key direction kappa per head, and
-measure cos(q_i, kappa) over the queries i, pre-RoPE (RoPE is ignored: the cosine is the one of
-two tokens at the same position), against the same cosine for random residual directions.
+Outcomes, against the clean run: for every head of the layers after the first edited layer, the
+*segment contrast* of the queries after the sink, c = mean_i (sum_{j in after, j <= i} A_ij - sum_{j
+in before} A_ij), "after" the tokens following the sink, "before" the tokens between the first
+token and the sink (both excluding the first token and the sink); the change of c per head
+(`dcontrast`) and its mean absolute size over heads (`shift`); the next-token loss over the
+positions after the sink (`dloss`). Intervals: bootstrap over prompts (`bootstrap_ci`).
+
+The edited runs go through `capture_edited`, which is `catchtag.capture`'s trace with an edit hook:
+the same attention-op inputs (`attention_op_name`, `trace_kwargs`), the same AttnInputs fields
+(learned sink logits and softcap included); a test checks that a zero edit gives capture()'s
+AttnInputs and logits.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Sequence
 
@@ -36,141 +39,219 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .capture import AttnInputs, Capture, attention_op_name, mask_2d, repeat_kv, attention_probs
+from .capture import (AttnInputs, Capture, attention_op_name, attention_probs, attention_rms, mask_2d,
+                      o_proj_weight, post_attention_norm, repeat_kv, to_residual)
 from .errors import CatchtagError
 from .models import Model
 from .remote import trace_kwargs
-from .sinks import DEFAULT_EPS, SinkStats, check_eps, sink_stats
-from .tags import head_tags, orthonormal_basis, project, tag_vectors
+from .sinks import DEFAULT_EPS, SinkStats, check_eps, token_kind
 
-CONDITIONS = ("tag", "random", "control")
-
-
-@dataclasses.dataclass
-class Ablation:
-    """The edits of one ablation experiment (one prompt, one target head)."""
-
-    layer: int
-    head: int
-    control_head: int
-    control_has_sink: bool
-    members: list[int]  # the caught non-sink tokens S
-    deltas: dict[str, torch.Tensor]  # condition -> (T, d_model) added to layer's o_proj output
-    removed_norm: dict[str, float]  # condition -> mean ||delta_i|| over S
-
-    @property
-    def n_tokens(self) -> int:
-        return next(iter(self.deltas.values())).shape[0]
+CONDITIONS = ("removed", "swap first", "swap other", "random")
+REPRODUCED, PARTLY, NOT_REPRODUCED, OFFLINE = "reproduced", "partly", "not reproduced", "not testable offline"
 
 
-def _unit(x: torch.Tensor) -> torch.Tensor:
-    return x / x.norm().clamp_min(1e-12)
+# --------------------------------------------------------------------------------------------------
+# Capture with an edit hook (one capture path for plain and edited runs)
 
 
-def choose_control_head(st: SinkStats, layer: int, head: int, eps: float = DEFAULT_EPS) -> tuple[int, bool]:
-    """(h', has_sink): a head of `layer` other than `head` without sinks in this prompt, the one with
-    the smallest largest alpha; when every other head has a sink, the weakest one and True."""
-    li = st.layers.index(layer)
-    alpha = torch.nan_to_num(st.received[li], nan=0.0).max(dim=-1).values  # (H,)
-    order = [int(h) for h in torch.argsort(alpha) if int(h) != head]
-    if not order:
-        raise CatchtagError("the model has one head per layer: there is no control head")
-    best = order[0]
-    return best, bool(alpha[best] > eps)
+def _attn_inputs(saved, H: int, T: int, b: int) -> AttnInputs:
+    """Batch element b of one layer's saved attention-op inputs, as capture() builds them."""
+    q, k, v, mask, scaling, window, sinks, softcap = saved
+    if scaling is None:
+        scaling = 1.0 / math.sqrt(q.shape[-1])
+    return AttnInputs(
+        q=q[b].float(), k=repeat_kv(k[b].float(), H), v=repeat_kv(v[b].float(), H),
+        mask=mask_2d(mask[b : b + 1] if mask is not None and mask.dim() == 4 else mask, T),
+        scaling=float(scaling), sliding_window=int(window) if window else None,
+        sink_logits=None if sinks is None else sinks.detach().float().reshape(-1),
+        softcap=float(softcap) if softcap else None,
+    )
 
 
-def ablation_deltas(
-    model: Model,
-    cap: Capture,
-    st: SinkStats,
-    layer: int,
-    head: int,
-    eps: float = DEFAULT_EPS,
-    seed: int = 0,
-    control_head: int | None = None,
-) -> Ablation:
-    """The three edits (tag, random, control) for one prompt and one target head; see the module
-    docstring. Raises a CatchtagError when the head has no sink or catches nothing in this prompt."""
-    eps = check_eps(eps)
-    model.check_layer_head(layer, head)
-    per_head = head_tags(model, cap, st, layer, eps)
-    ht = per_head[head]
-    members = ht["members"]
-    if not ht["sinks"] or not members:
-        raise CatchtagError(f"head ({layer}, {head}) has no sink or catches no token in this prompt")
-    T, d = ht["outputs"].shape
-    basis = orthonormal_basis(ht["tags"])
-    comp = project(ht["outputs"][members].double(), basis)  # (|S|, d)
-    deltas = {c: torch.zeros(T, d, dtype=torch.float64) for c in CONDITIONS}
-    deltas["tag"][members] = -comp
-    gen = torch.Generator().manual_seed(int(seed) * 100_003 + layer * 101 + head)
-    u = _unit(torch.randn(d, generator=gen, dtype=torch.float64))
-    deltas["random"][members] = -comp.norm(dim=-1, keepdim=True) * u
-    if control_head is None:
-        control_head, has_sink = choose_control_head(st, layer, head, eps)
-    else:
-        model.check_layer_head(layer, control_head)
-        has_sink = bool(per_head[control_head]["sinks"])
-    li = st.layers.index(layer)
-    k = int(torch.argmax(torch.nan_to_num(st.received[li, control_head], nan=-1.0)))
-    pseudo = tag_vectors(model, cap, layer, [k])[control_head, 0].double()
-    b = _unit(pseudo)[:, None]
-    oc = per_head[control_head]["outputs"][members].double()
-    deltas["control"][members] = -(oc @ b) @ b.T
-    norms = {c: float(deltas[c][members].norm(dim=-1).mean()) for c in CONDITIONS}
-    return Ablation(layer, head, control_head, has_sink, list(members), {c: v.float() for c, v in deltas.items()}, norms)
+def edit_site(model: Model, layer: int):
+    """The module whose output is the attention block's write to the residual stream: Gemma's
+    post-attention norm where the model has one, else `o_proj`."""
+    block = model.lm.model.layers[layer]
+    return block.post_attention_layernorm if post_attention_norm(model, layer) is not None else block.self_attn.o_proj
 
 
-def run_edited(
+def capture_edited(
     model: Model,
     input_ids: torch.Tensor,
-    layer: int,
-    deltas: Sequence[torch.Tensor],
-    later_layers: Sequence[int] = (),
+    edits: Sequence[dict[int, torch.Tensor]],
+    layers: Sequence[int] = (),
     remote: bool | str = False,
 ) -> tuple[torch.Tensor, dict[int, list[AttnInputs]]]:
-    """Run the prompt once per delta (one batch, one nnsight trace), adding delta (T, d_model) to the
-    output of `layer`'s o_proj. Returns the logits (B, T, vocab) and, for each later layer, one
-    AttnInputs per batch element. A zero delta gives the clean run."""
+    """Run the prompt once per element of `edits` (one batch, one nnsight trace), adding each
+    edits[b][layer] (T, d_model) to the attention block's write at `layer` (`edit_site`). Returns
+    the logits (B, T, vocab) and, for each layer in `layers`, one AttnInputs per batch element
+    (the inputs of that layer's attention call, as `catchtag.capture.capture` keeps them). An empty
+    dict is the clean run. The model is unchanged afterwards."""
     import nnsight
 
     kwargs = trace_kwargs(remote)
-    model.check_layer_head(layer)
-    later = sorted(set(int(l) for l in later_layers))
-    for l in later:
-        model.check_layer_head(l)
-        if l <= layer:
-            raise CatchtagError(f"later layer {l} is not after the edited layer {layer}")
-    B = len(deltas)
     T = int(input_ids.shape[-1])
-    D = torch.stack([torch.as_tensor(d, dtype=torch.float32) for d in deltas])  # (B, T, d)
-    if D.shape[1:] != (T, model.d_model):
-        raise CatchtagError(f"each delta must be (T, d_model) = ({T}, {model.d_model}), got {tuple(D.shape[1:])}")
+    B = len(edits)
+    if B == 0:
+        raise CatchtagError("no runs given: pass at least one edit dict ({} is the clean run)")
+    edit_layers = sorted({int(l) for e in edits for l in e})
+    for l in edit_layers:
+        model.check_layer_head(l)
+    wanted = sorted({int(l) for l in layers})
+    for l in wanted:
+        model.check_layer_head(l)
+    D = {}
+    for l in edit_layers:
+        parts = []
+        for e in edits:
+            d = torch.as_tensor(e[l], dtype=torch.float32) if l in e else torch.zeros(T, model.d_model)
+            if tuple(d.shape) != (T, model.d_model):
+                raise CatchtagError(f"an edit must be (T, d_model) = ({T}, {model.d_model}), got {tuple(d.shape)}")
+            parts.append(d)
+        D[l] = torch.stack(parts)
     ids = input_ids.reshape(1, T).repeat(B, 1)
     op = attention_op_name(model)
     lm = model.lm
+    last = max(edit_layers + wanted) if (edit_layers or wanted) else -1
     with torch.no_grad(), lm.trace(ids, **kwargs):
-        o = lm.model.layers[layer].self_attn.o_proj
-        o.output = o.output + D.to(o.output.dtype)
         saved = nnsight.save([])
-        for l in later:
-            args, kw = getattr(lm.model.layers[l].self_attn.source, op).inputs
-            saved.append((args[1], args[2], args[3], args[4] if len(args) > 4 else kw.get("attention_mask"),
-                          kw.get("scaling"), kw.get("sliding_window"), kw.get("softcap")))
+        for l in range(last + 1):
+            block = lm.model.layers[l]
+            if l in wanted:
+                args, kw = getattr(block.self_attn.source, op).inputs
+                saved.append((args[1], args[2], args[3], args[4] if len(args) > 4 else kw.get("attention_mask"),
+                              kw.get("scaling"), kw.get("sliding_window"), kw.get("s_aux"), kw.get("softcap")))
+            if l in D:
+                site = edit_site(model, l)
+                site.output = site.output + D[l].to(site.output.dtype)
         logits = nnsight.save(lm.lm_head.output)
     H = model.n_heads
-    out: dict[int, list[AttnInputs]] = {}
-    for l, (q, k, v, mask, scaling, window, softcap) in zip(later, saved):
-        if scaling is None:
-            scaling = 1.0 / math.sqrt(q.shape[-1])
-        m2 = mask_2d(mask, T)
-        out[l] = [
-            AttnInputs(q=q[b].float(), k=repeat_kv(k[b].float(), H), v=repeat_kv(v[b].float(), H), mask=m2,
-                       scaling=float(scaling), sliding_window=int(window) if window else None,
-                       softcap=float(softcap) if softcap else None)
-            for b in range(B)
-        ]
+    out = {l: [_attn_inputs(s, H, T, b) for b in range(B)] for l, s in zip(wanted, list(saved))}
     return logits.float(), out
+
+
+# --------------------------------------------------------------------------------------------------
+# Which "." sinks catch, and where
+
+
+def dot_sinks(caps: Sequence[Capture], stats: Sequence[SinkStats], eps: float = DEFAULT_EPS,
+              min_caught: int = 2, min_after: int = 3) -> pd.DataFrame:
+    """One row per (prompt, position, layer, head) where a statement-final "." or a line break
+    (token kind punctuation with "." in it, or newline; not the first token; at least `min_after`
+    tokens after it) is a sink that catches at least `min_caught` of the tokens after it.
+    Columns: prompt, position, token, layer, head, n_caught, n_after."""
+    eps = check_eps(eps)
+    rows = []
+    for p, (cap, st) in enumerate(zip(caps, stats)):
+        S, C = st.sinks(eps), st.caught(eps)
+        T = len(cap.tokens)
+        for s, tok in enumerate(cap.tokens):
+            kind = token_kind(tok, s)
+            if s == 0 or T - 1 - s < min_after or not (kind == "newline" or (kind == "punctuation" and "." in tok)):
+                continue
+            n = (C[:, :, s + 1:] == s).sum(-1) * S[:, :, s]  # (L, H)
+            for li, h in torch.nonzero(n >= min_caught).tolist():
+                rows.append(dict(prompt=p, position=s, token=tok, layer=st.layers[li], head=h,
+                                 n_caught=int(n[li, h]), n_after=T - 1 - s))
+    return pd.DataFrame(rows, columns=["prompt", "position", "token", "layer", "head", "n_caught", "n_after"])
+
+
+def choose_dot_sinks(table: pd.DataFrame, min_heads: int = 1) -> pd.DataFrame:
+    """Per prompt, the "." sink that catches in the most heads (at least `min_heads`; ties: the
+    earlier one). Columns: prompt, position, token, n_heads, heads (list of (layer, head))."""
+    rows = []
+    for p, g in table.groupby("prompt"):
+        best = None
+        for s, gs in g.groupby("position"):
+            if len(gs) >= min_heads and (best is None or len(gs) > best[1]):
+                best = (int(s), len(gs), gs.token.iloc[0], list(zip(gs.layer.astype(int), gs["head"].astype(int))))
+        if best:
+            rows.append(dict(prompt=int(p), position=best[0], token=best[2], n_heads=best[1], heads=best[3]))
+    return pd.DataFrame(rows, columns=["prompt", "position", "token", "n_heads", "heads"])
+
+
+# --------------------------------------------------------------------------------------------------
+# The edits
+
+
+def _wo(model: Model, layer: int, head: int, x: torch.Tensor) -> torch.Tensor:
+    """W_O^h x (d_model,) for a value-space vector x (head_dim,)."""
+    dh = model.head_dim
+    return o_proj_weight(model, layer).double()[:, head * dh:(head + 1) * dh] @ x.double()
+
+
+def _col_space_direction(model: Model, layer: int, head: int, gen: torch.Generator) -> torch.Tensor:
+    """A random unit vector in the column space of W_O^h (d_model,)."""
+    w = o_proj_weight(model, layer).double()
+    dh = model.head_dim
+    r = torch.randn(dh, generator=gen, dtype=torch.float64)
+    u = w[:, head * dh:(head + 1) * dh] @ r
+    return u / u.norm().clamp_min(1e-12)
+
+
+def release_edits(
+    model: Model,
+    cap: Capture,
+    st: SinkStats,
+    position: int,
+    heads: Sequence[tuple[int, int]],
+    eps: float = DEFAULT_EPS,
+    other_value: dict[tuple[int, int], torch.Tensor] | None = None,
+    seed: int = 0,
+) -> dict[str, dict[int, torch.Tensor]]:
+    """The edits of `CONDITIONS` for one prompt: {condition: {layer: (T, d_model) residual write}}.
+
+    For each catching head (layer, head) in `heads` and each token i > position the sink catches
+    in it: removed = -A_is W_O^h v_s; swap first = A_is W_O^h (v_0 - v_s); swap other = A_is W_O^h
+    (v' - v_s) with v' = other_value[(layer, head)] (the condition is left out when `other_value`
+    is None); random = ||A_is W_O^h v_s|| u_h, u_h a unit vector in W_O^h's column space drawn from
+    `seed`. All are mapped to the residual write with the clean run's post-attention rms
+    (`to_residual`; the identity for models without that norm)."""
+    eps = check_eps(eps)
+    T = len(cap.tokens)
+    caught = st.caught(eps)
+    out: dict[str, dict[int, torch.Tensor]] = {c: {} for c in CONDITIONS if c != "swap other" or other_value}
+    gen = torch.Generator().manual_seed(int(seed))
+    by_layer: dict[int, list[int]] = {}
+    for l, h in heads:
+        model.check_layer_head(l, h)
+        by_layer.setdefault(int(l), []).append(int(h))
+    for l, hs in sorted(by_layer.items()):
+        ai = cap.attn_inputs[l]
+        A = attention_probs(ai).double()  # (H, T, T)
+        rms = attention_rms(model, cap, l)
+        acc = {c: torch.zeros(T, model.d_model, dtype=torch.float64) for c in out}
+        for h in hs:
+            rows = [i for i in range(position + 1, T) if int(caught[st.layers.index(l), h, i]) == position]
+            if not rows:
+                continue
+            a = A[h, rows, position][:, None]  # (n, 1)
+            v = ai.v.double()
+            new = {"removed": torch.zeros_like(v[h, position]), "swap first": v[h, 0]}
+            if other_value:
+                new["swap other"] = torch.as_tensor(other_value[(l, h)], dtype=torch.float64)
+            for c, vn in new.items():
+                acc[c][rows] += a * _wo(model, l, h, vn - v[h, position])
+            t = _wo(model, l, h, v[h, position])
+            u = _col_space_direction(model, l, h, gen)
+            acc["random"][rows] += (a * t.norm()) * u
+        for c in out:
+            out[c][l] = acc[c] if rms is None else to_residual(model, l, acc[c], rms.double())
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Outcomes
+
+
+def segment_contrast(A: torch.Tensor, position: int) -> torch.Tensor:
+    """(H,) mean over queries i > position of (attention on the tokens after `position`, up to i,
+    minus attention on the tokens 1..position-1), for attention maps A (H, T, T)."""
+    T = A.shape[-1]
+    q = torch.arange(position + 1, T)
+    after = A[:, q][:, :, position + 1:].sum(-1)
+    before = A[:, q][:, :, 1:position].sum(-1)
+    return (after - before).mean(-1)
 
 
 def _token_ce(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -179,102 +260,72 @@ def _token_ce(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return -lp.gather(-1, ids[1:].reshape(1, -1, 1).expand(lp.shape[0], -1, 1))[..., 0]
 
 
-def ablation_effects(
-    model: Model,
-    cap: Capture,
-    ab: Ablation,
-    later_layers: Sequence[int] | None = None,
-    remote: bool | str = False,
-) -> tuple[dict, pd.DataFrame]:
-    """Run clean + the three ablations and compare. Returns (summary, per_head):
-
-    summary[c] for c in CONDITIONS: `dloss` (ablated minus clean mean CE over the positions t >=
-    min(S), predicting token t+1), `tv` (mean over later heads and queries t > min(S) of the total
-    variation between clean and ablated attention rows), `dmass_abs` (mean over later heads of
-    |change of the mean attention mass on S|), `removed_norm`.
-    per_head: one row per (condition, later layer, head) with `mass_clean`, `dmass`, `tv`.
-    """
-    if later_layers is None:
-        later_layers = range(ab.layer + 1, model.n_layers)
-    later_layers = list(later_layers)
-    zero = torch.zeros_like(ab.deltas["tag"])
-    logits, attn = run_edited(model, cap.input_ids, ab.layer, [zero] + [ab.deltas[c] for c in CONDITIONS],
-                              later_layers, remote)
-    ids = cap.input_ids
-    ce = _token_ce(logits, ids)  # (4, T-1)
-    start = min(ab.members)
-    T = len(ids)
-    S = torch.tensor(ab.members)
-    qrows = torch.arange(start + 1, T)
-    rows = []
-    for l in later_layers:
-        A = [attention_probs(a).double() for a in attn[l]]  # each (H, T, T)
-        mass0 = A[0][:, qrows][:, :, S].sum(-1).mean(-1)  # (H,)
-        for ci, c in enumerate(CONDITIONS, start=1):
-            mass = A[ci][:, qrows][:, :, S].sum(-1).mean(-1)
-            tv = 0.5 * (A[ci][:, qrows] - A[0][:, qrows]).abs().sum(-1).mean(-1)
-            for h in range(model.n_heads):
-                rows.append(dict(condition=c, layer=l, head=h, mass_clean=float(mass0[h]),
-                                 dmass=float(mass[h] - mass0[h]), tv=float(tv[h])))
-    per_head = pd.DataFrame(rows, columns=["condition", "layer", "head", "mass_clean", "dmass", "tv"])
-    summary = {}
-    for ci, c in enumerate(CONDITIONS, start=1):
-        ph = per_head[per_head.condition == c]
-        summary[c] = dict(
-            dloss=float(ce[ci, start:].mean() - ce[0, start:].mean()),
-            tv=float(ph["tv"].mean()) if len(ph) else float("nan"),
-            dmass_abs=float(ph["dmass"].abs().mean()) if len(ph) else float("nan"),
-            removed_norm=ab.removed_norm[c],
-        )
-    summary["clean_loss"] = float(ce[0, start:].mean())
-    return summary, per_head
-
-
-def ablation_experiment(
+def release_test(
     model: Model,
     caps: Sequence[Capture],
-    targets: Sequence[tuple[int, int]],
+    stats: Sequence[SinkStats],
+    chosen: pd.DataFrame,
     eps: float = DEFAULT_EPS,
-    stats: Sequence[SinkStats] | None = None,
     seed: int = 0,
     remote: bool | str = False,
     progress: bool = True,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """`ablation_effects` for every prompt and target head (layer, head). Returns (effects,
-    per_head): effects has one row per (prompt, layer, head, condition) with dloss, tv, dmass_abs,
-    removed_norm, clean_loss, n_members, control_head, control_has_sink; per_head has the later
-    heads' rows with prompt, target layer and head added (target_layer, target_head). Prompts where
-    a target head catches nothing are skipped."""
+    """Run every prompt of `chosen` (`choose_dot_sinks`) clean and under each condition.
+
+    The "swap other" value of a head comes from the next chosen prompt (cyclically), at its "."
+    sink, in the same head. Returns (effects, per_head): effects has one row per (prompt,
+    condition) with `dloss` (edited minus clean mean CE over the positions after the sink),
+    `shift` (mean over later heads of |dcontrast|), `dcontrast` (mean signed change), `edit_norm`
+    (mean norm of the edit over edited tokens), `clean_loss`, `n_heads`; per_head has one row per
+    (prompt, condition, layer, head) with `contrast_clean` and `dcontrast`. Later heads: every
+    head of the layers after the first edited layer."""
     from .progress import progress as progress_bar
 
-    stats = [sink_stats(c) for c in caps] if stats is None else list(stats)
+    if len(chosen) == 0:
+        raise CatchtagError("no prompt has a catching '.' sink: nothing to edit (see dot_sinks)")
     rows, parts = [], []
-    jobs = [(p, l, h) for p in range(len(caps)) for (l, h) in targets]
-    for p, l, h in progress_bar(jobs, f"ablations {model.name}", enabled=progress):
-        try:
-            ab = ablation_deltas(model, caps[p], stats[p], l, h, eps, seed=seed + p)
-        except CatchtagError:
-            continue
-        summary, per_head = ablation_effects(model, caps[p], ab, remote=remote)
-        for c in CONDITIONS:
-            rows.append(dict(prompt=p, layer=l, head=h, condition=c, **summary[c], clean_loss=summary["clean_loss"],
-                             n_members=len(ab.members), control_head=ab.control_head,
-                             control_has_sink=ab.control_has_sink))
-        per_head = per_head.assign(prompt=p, target_layer=l, target_head=h)
-        parts.append(per_head)
-    effects = pd.DataFrame(rows)
-    per_head = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
-    return effects, per_head
+    plist = chosen.to_dict("records")
+    for n, rec in enumerate(progress_bar(plist, f"release {model.name}", enabled=progress)):
+        p, s, heads = rec["prompt"], rec["position"], rec["heads"]
+        cap, st = caps[p], stats[p]
+        other = plist[(n + 1) % len(plist)] if len(plist) > 1 else None
+        ov = None
+        if other is not None:
+            oc = caps[other["prompt"]]
+            ov = {(l, h): oc.attn_inputs[l].v[h, other["position"]] for l, h in heads}
+        edits = release_edits(model, cap, st, s, heads, eps, ov, seed=seed * 1_000_003 + p)
+        conds = [c for c in CONDITIONS if c in edits]
+        first = min(l for l, _ in heads)
+        later = list(range(first + 1, model.n_layers))
+        logits, attn = capture_edited(model, cap.input_ids, [{}] + [edits[c] for c in conds], later, remote)
+        ce = _token_ce(logits, cap.input_ids)[:, s:].mean(-1)  # predicting tokens after the sink
+        c0 = {l: segment_contrast(attention_probs(attn[l][0]).double(), s) for l in later}
+        for ci, c in enumerate(conds, start=1):
+            d_all = []
+            for l in later:
+                d = segment_contrast(attention_probs(attn[l][ci]).double(), s) - c0[l]
+                d_all.append(d)
+                for h in range(model.n_heads):
+                    parts.append(dict(prompt=p, condition=c, layer=l, head=h, contrast_clean=float(c0[l][h]),
+                                      dcontrast=float(d[h])))
+            d_all = torch.cat(d_all) if d_all else torch.zeros(0)
+            norms = torch.cat([e.norm(dim=-1)[e.norm(dim=-1) > 0] for e in edits[c].values()])
+            rows.append(dict(prompt=p, condition=c, dloss=float(ce[ci] - ce[0]),
+                             shift=float(d_all.abs().mean()) if d_all.numel() else float("nan"),
+                             dcontrast=float(d_all.mean()) if d_all.numel() else float("nan"),
+                             edit_norm=float(norms.mean()) if norms.numel() else float("nan"),
+                             clean_loss=float(ce[0]), n_heads=len(heads)))
+    return pd.DataFrame(rows), pd.DataFrame(parts)
 
 
 # --------------------------------------------------------------------------------------------------
-# Statistics
+# Statistics and verdict
 
 
-def mean_ci(x, level: float = 0.95) -> tuple[float, float, float]:
-    """(mean, low, high): the mean and its t-interval over independent units (here: prompts)."""
-    from scipy import stats as sst
-
+def bootstrap_ci(x, n_boot: int = 2000, level: float = 0.95, seed: int = 0) -> tuple[float, float, float]:
+    """(mean, low, high): the mean of x and its percentile bootstrap interval (resampling the
+    units, here prompts, with replacement; `seed` fixes the draws). NaNs are dropped; with fewer
+    than two values the interval is NaN."""
     x = np.asarray(x, dtype=float)
     x = x[~np.isnan(x)]
     if x.size == 0:
@@ -282,97 +333,78 @@ def mean_ci(x, level: float = 0.95) -> tuple[float, float, float]:
     m = float(x.mean())
     if x.size < 2:
         return m, float("nan"), float("nan")
-    half = float(sst.t.ppf(0.5 + level / 2, x.size - 1) * x.std(ddof=1) / math.sqrt(x.size))
-    return m, m - half, m + half
+    rng = np.random.default_rng(seed)
+    means = x[rng.integers(0, x.size, size=(n_boot, x.size))].mean(1)
+    lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+    return m, float(lo), float(hi)
 
 
-def effect_table(effects: pd.DataFrame, measures: Sequence[str] = ("dloss", "tv", "dmass_abs")) -> pd.DataFrame:
-    """Per target head and condition: mean and 95% CI over prompts of each measure (a prompt's
-    value for one head is one unit), and the paired difference tag - random and tag - control."""
+def effect_summary(effects: pd.DataFrame, measures: Sequence[str] = ("shift", "dloss", "dcontrast"),
+                   seed: int = 0) -> pd.DataFrame:
+    """Per measure and condition: mean and bootstrap 95% CI over prompts; plus the paired
+    differences of each condition minus "random" (same prompts). Columns: measure, contrast,
+    mean, low, high, n."""
     rows = []
-    for (l, h), g in effects.groupby(["layer", "head"]):
-        wide = {c: g[g.condition == c].set_index("prompt") for c in CONDITIONS}
-        for meas in measures:
-            for c in CONDITIONS:
-                m, lo, hi = mean_ci(wide[c][meas])
-                rows.append(dict(layer=l, head=h, measure=meas, contrast=c, mean=m, low=lo, high=hi, n=len(wide[c])))
-            for other in ("random", "control"):
-                diff = (wide["tag"][meas] - wide[other][meas]).dropna()
-                m, lo, hi = mean_ci(diff)
-                rows.append(dict(layer=l, head=h, measure=meas, contrast=f"tag - {other}", mean=m, low=lo, high=hi,
-                                 n=len(diff)))
-    return pd.DataFrame(rows)
+    for meas in measures:
+        wide = effects.pivot(index="prompt", columns="condition", values=meas)
+        for c in [c for c in CONDITIONS if c in wide]:
+            m, lo, hi = bootstrap_ci(wide[c], seed=seed)
+            rows.append(dict(measure=meas, contrast=c, mean=m, low=lo, high=hi, n=int(wide[c].notna().sum())))
+        if "random" in wide:
+            for c in [c for c in CONDITIONS if c in wide and c != "random"]:
+                diff = (wide[c] - wide["random"]).dropna()
+                m, lo, hi = bootstrap_ci(diff, seed=seed)
+                rows.append(dict(measure=meas, contrast=f"{c} - random", mean=m, low=lo, high=hi, n=len(diff)))
+    return pd.DataFrame(rows, columns=["measure", "contrast", "mean", "low", "high", "n"])
 
 
-# --------------------------------------------------------------------------------------------------
-# Geometric test: do later queries point at the tag's key?
+def model_release_finding(summary: pd.DataFrame | None) -> str:
+    """One model's reading of `effect_summary`: "retrieval" when removing the tag shifts later
+    heads' segment contrast more than the same-norm random edit (the paired 95% CI of removed -
+    random for `shift` is above 0); "none" when it is not; "untested" when the model has no
+    catching '.' sink (summary None or empty)."""
+    if summary is None or len(summary) == 0:
+        return "untested"
+    r = summary[(summary.measure == "shift") & (summary.contrast == "removed - random")]
+    if not len(r) or np.isnan(r["low"].iloc[0]):
+        return "untested"
+    return "retrieval" if r["low"].iloc[0] > 0 else "none"
 
 
-def _residual_direction(model: Model, layer: int, head_vec: torch.Tensor) -> torch.Tensor:
-    """The direction a head-output vector takes in the residual stream: itself, or through the
-    post-attention norm's gain where the model normalises the attention output (Gemma-style)."""
-    block = model.hf.model.layers[layer]
-    if hasattr(block, "pre_feedforward_layernorm"):  # sandwich norm: post_attention_layernorm acts on attn out
-        with torch.no_grad():
-            return block.post_attention_layernorm(head_vec.float()[None])[0].double()
-    return head_vec.double()
+def verdict_release(findings: dict[str, str]) -> str:
+    """The verdict on "later layers retrieve tokens by their tag" from each model's
+    `model_release_finding`: "reproduced" when every model was tested and shows retrieval beyond
+    the random edit, "partly" when some model shows it (and another does not, or could not be
+    tested), "not reproduced" when no tested model shows it, "not testable offline" when no model
+    could be tested (no catching '.' sink in enough prompts)."""
+    if not findings:
+        raise CatchtagError("verdict_release needs at least one model's finding")
+    values = list(findings.values())
+    if all(f == "untested" for f in values):
+        return OFFLINE
+    if all(f == "retrieval" for f in values):
+        return REPRODUCED
+    return PARTLY if "retrieval" in values else NOT_REPRODUCED
 
 
-def _pre_rope(model: Model, layer: int, x: torch.Tensor, kind: str) -> torch.Tensor:
-    """(n, H, dh) pre-RoPE queries (kind "q") or keys ("k", kv heads repeated) of residual
-    vectors x (n, d) at `layer`, through the layer's input norm, projection and QK-norm if any."""
-    blk = model.hf.model.layers[layer]
-    att = blk.self_attn
-    heads = model.n_heads if kind == "q" else model.n_kv_heads
-    with torch.no_grad():
-        y = getattr(att, f"{kind}_proj")(blk.input_layernorm(x.float())).reshape(x.shape[0], heads, model.head_dim)
-        norm = getattr(att, f"{kind}_norm", None)
-        if norm is not None:
-            y = norm(y)
-    return y.repeat_interleave(model.n_heads // heads, dim=1).double()
+def release_summary_text(summary: pd.DataFrame | None, n_prompts: int = 0) -> str:
+    """One line for the reproduction page from `effect_summary`: the shift of later heads'
+    segment contrast under tag removal and under the random edit, with their 95% CIs, and the
+    paired difference; or why there is no test."""
+    if summary is None or len(summary) == 0:
+        return "no catching '.' sink in enough prompts: not tested"
+    s = summary.set_index(["measure", "contrast"])
+
+    def ci(meas, c, spec=".3f"):
+        r = s.loc[(meas, c)]
+        return f"{r['mean']:{spec}} [{r['low']:{spec}}, {r['high']:{spec}}]"
+
+    return (f"{n_prompts} prompts; segment-contrast shift, tag removed {ci('shift', 'removed')} vs random "
+            f"{ci('shift', 'random')} (difference {ci('shift', 'removed - random')}); "
+            f"Δloss removed − random {ci('dloss', 'removed - random')} nats")
 
 
-def _keys_of(model: Model, layer: int, x: torch.Tensor) -> torch.Tensor:
-    return _pre_rope(model, layer, x, "k")
-
-
-def _queries_of(model: Model, layer: int, x: torch.Tensor) -> torch.Tensor:
-    return _pre_rope(model, layer, x, "q")
-
-
-def query_tag_alignment(
-    model: Model,
-    cap: Capture,
-    layer: int,
-    tag: torch.Tensor,
-    later_layers: Sequence[int] | None = None,
-    n_random: int = 16,
-    seed: int = 0,
-) -> pd.DataFrame:
-    """For each head of each later layer: the mean over queries (positions 1..T-1) of
-    cos(q_i, kappa), kappa the pre-RoPE key of the tag `tag` (d_model,) written by `layer`, and the
-    same for `n_random` random residual directions: `cos_tag`, `cos_random_mean`, `cos_random_sd`,
-    and `z` = (cos_tag - mean) / sd. Needs `cap.resid_post`."""
-    if cap.resid_post is None:
-        raise CatchtagError("query_tag_alignment needs the residual stream: capture with resid=True")
-    if later_layers is None:
-        later_layers = range(layer + 1, model.n_layers)
-    gen = torch.Generator().manual_seed(int(seed))
-    r_tag = _residual_direction(model, layer, tag.double())
-    rand = torch.randn(n_random, model.d_model, generator=gen, dtype=torch.float64)
-    rand = rand / rand.norm(dim=-1, keepdim=True) * r_tag.norm()
-    dirs = torch.cat([r_tag[None], rand])  # (1 + n_random, d)
-    rows = []
-    for l in later_layers:
-        x = cap.resid_post[l - 1, 1:]
-        q = _queries_of(model, l, x)  # (n, H, dh)
-        qn = q / q.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-        k = _keys_of(model, l, dirs)  # (1 + R, H, dh)
-        kn = k / k.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-        cos = torch.einsum("nhd,rhd->rhn", qn, kn).mean(-1)  # (1 + R, H)
-        for h in range(model.n_heads):
-            rc = cos[1:, h]
-            sd = float(rc.std()) if n_random > 1 else float("nan")
-            rows.append(dict(layer=l, head=h, cos_tag=float(cos[0, h]), cos_random_mean=float(rc.mean()),
-                             cos_random_sd=sd, z=(float(cos[0, h]) - float(rc.mean())) / sd if sd and sd > 0 else float("nan")))
-    return pd.DataFrame(rows)
+def later_head_table(per_head: pd.DataFrame) -> pd.DataFrame:
+    """Mean over prompts of `dcontrast` per (condition, layer, head), and the clean contrast."""
+    g = per_head.groupby(["condition", "layer", "head"])
+    return g[["dcontrast", "contrast_clean"]].mean().reset_index()

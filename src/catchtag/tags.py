@@ -1,23 +1,30 @@
-"""Catch and tag: which queries a sink catches, and what it writes into them.
-
-Definitions (the book's, following ../shared/PAPER.md; (paper) marks the paper's own choices):
+"""Catch and tag: which queries a sink catches, what it writes into them, and how much of a head's
+output its tags explain. Definitions: the book's [Definitions](definitions.md) page; (paper),
+(paper, via note) and (ours) mark where each comes from.
 
 - Caught (ours, from `catchtag.sinks`): query i is caught by sink s in head (l, h) when s is the
   largest entry of row i (i itself excluded) and A_is >= eps. A sink's *segment* is the set of
   queries it catches.
-- Tag (paper, §1 and Fig. 1b): t_s = W_O^h v_s, the sink's value vector passed through the head's
-  slice of the output projection. A caught token attends mostly to s, so its head output
-  o_i = W_O^h sum_j A_ij v_j is close to A_is t_s: caught tokens share the direction t_s.
+- Tag (paper, §1 and Fig. 1b): the sink's value vector v_s, per head, before W_O (paper, via note);
+  t_s = W_O^h v_s is the same tag as it enters the head's output (`tag_vectors`). A caught token
+  attends mostly to s, so its head output is close to A_is t_s.
 - Tag subspace of a head: the span of its sinks' tags (all sinks of the head in that prompt).
-- Explained variance (ours; the paper's §3.2 statistic without its exact recipe):
-  EV = ||P H||_F^2 / ||H||_F^2, with H the head outputs o_i of the caught non-sink tokens of one
-  prompt, centred over those tokens, and P the orthogonal projector on the tag subspace.
+- Explained variance, three ways (`value_space_ev`, `head_explained_variance`):
+  * VE (paper, via note): ||A V U U^T||_F / ||A V||_F over the head's whole output (all T rows),
+    in value space, U an orthonormal basis of the span of the head's sinks' value vectors; a ratio
+    of norms, not centred;
+  * VE^2: the same as a ratio of squared norms (a share of the output's energy);
+  * EV (ours): ||P H||_F^2 / ||H||_F^2 with H the head outputs of the caught non-sink tokens,
+    centred over them, P the projector on the W_O-space tag subspace. Centring removes the part
+    shared by all caught tokens, so for a one-sink head it measures how the weight on the sink
+    varies, not the tag itself.
+  Baselines on the same rows and measure: the mean value direction, random non-sink tokens' values
+  (as many as there are tags) and a random subspace of the value space of the same rank.
+- Tag geometry (paper App. D, via note: tags are nearly orthogonal to each other and to token
+  representations): `tag_geometry`.
 
-Sinks and tags are prompt-specific (v_s depends on the sink token and its context), so EV is
-computed per prompt and pooled over prompts as a ratio of sums (`head_explained_variance`).
-
-The prompts in `PROMPTS` were written by the catchtag authors for these chapters; none comes from a
-dataset or a hub.
+Sinks and tags are prompt-specific (v_s depends on the sink token and its context), so every
+measure is computed per prompt and pooled over prompts as a ratio of sums.
 """
 
 from __future__ import annotations
@@ -34,53 +41,11 @@ from .models import Model
 from .sinks import DEFAULT_EPS, SinkStats, check_eps, sink_stats, token_kind
 
 # --------------------------------------------------------------------------------------------------
-# Prompts (written by the catchtag authors; several sentences each, some with line breaks)
+# Prompts: the corpus lives in `catchtag.prompts` (one module for every prompt the book uses);
+# `prompts` and `PROMPTS` stay importable from here for the chapters that use them (catch, qknorm).
 
-PROMPTS: list[str] = [
-    "The storm rolled in over the hills. Farmers hurried to bring the cattle inside. By nightfall, "
-    "the rain had flooded the lower fields.",
-    "She opened the letter with shaking hands. It was from her brother, who had been gone for ten "
-    "years. He wrote that he was coming home.",
-    "Preheat the oven to two hundred degrees. Mix the flour, sugar and butter in a large bowl. Pour "
-    "the batter into a tin and bake it for forty minutes.",
-    "The museum opens at nine in the morning. Tickets are cheaper for students and children. On "
-    "Sundays, the top floor is closed for cleaning.",
-    "My grandfather kept bees behind his house. Every summer he gave jars of honey to the "
-    "neighbours. Nobody ever got stung, except him.",
-    "The train was late again this morning. Most passengers waited quietly on the platform. A few "
-    "gave up and called a taxi instead.",
-    "Water boils at a lower temperature on a mountain. The air pressure there is lower than at sea "
-    "level. This is why pasta takes longer to cook at altitude.",
-    "Dear Anna,\nThank you for the lovely flowers. They brightened up the whole kitchen. I hope we "
-    "can meet again soon.\nBest wishes,\nMaria",
-    "Shopping list:\n- two loaves of bread\n- a dozen eggs\n- fresh tomatoes\nRemember to pay the "
-    "electricity bill as well.",
-    "The meeting started ten minutes late. The manager apologised and went straight to the budget. "
-    "Nobody asked any questions until the very end.",
-    "Cats sleep for most of the day. They are most active at dawn and at dusk. Many owners find "
-    "this pattern hard to get used to.",
-    "He missed the last bus, so he walked home. The streets were empty and quiet. When he finally "
-    "arrived, the lights were still on.",
-    "The river freezes every winter. Children skate on it when the ice is thick enough. In spring, "
-    "the melting ice makes a loud cracking noise.",
-    "I tried to fix the bicycle myself. First the chain came off, then a tyre went flat. In the end "
-    "I took it to the shop on the corner.",
-    "The library is moving to a new building. All books must be returned by Friday. The new "
-    "reading room will have large windows and more seats.",
-    "Question: Why is the sky blue?\nAnswer: Sunlight is scattered by the air. Blue light is "
-    "scattered more than red light, so the sky looks blue.",
-]
-
-
-def prompts(n: int | None = None, seed: int = 0) -> list[str]:
-    """`n` of the book's prompts (all when n is None), in a fixed order shuffled by `seed`."""
-    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
-        raise CatchtagError(f"n_prompts={n!r} is not valid: use a whole number >= 1")
-    order = np.random.default_rng(seed).permutation(len(PROMPTS)) if seed else np.arange(len(PROMPTS))
-    chosen = [PROMPTS[i] for i in order]
-    if n is not None and n > len(chosen):
-        raise CatchtagError(f"n_prompts={n} is more than the {len(PROMPTS)} prompts in catchtag.tags.PROMPTS")
-    return chosen if n is None else chosen[:n]
+from .prompts import STORIES as PROMPTS  # noqa: E402,F401
+from .prompts import story_prompts as prompts  # noqa: E402,F401
 
 
 # --------------------------------------------------------------------------------------------------
@@ -204,7 +169,8 @@ def head_explained_variance(
     per_prompt: bool = False,
     progress: bool = True,
 ) -> pd.DataFrame:
-    """Variance of each head's output explained by its tag subspace (the book's §3.2 statistic).
+    """EV (ours, centred): variance of each head's output explained by its tag subspace, over the
+    caught tokens, in W_O space (the paper's own measure is `value_space_ev`).
 
     For every prompt, layer and head: H = head outputs o_i of the tokens caught by one of the head's
     sinks, sinks themselves excluded, centred over those tokens; P = projector on the span of the
@@ -465,71 +431,294 @@ def token_catch_summary(st: SinkStats, eps: float = DEFAULT_EPS, layers: Sequenc
     return pd.DataFrame(rows)
 
 
+
+
 # --------------------------------------------------------------------------------------------------
-# A tiny model with planted sinks and known tags (tests and demonstrations)
+# Explained variance in value space: the paper's norm ratio and its baselines
 
-PLANTED_VOCAB = ["<s>", ".", "a", "b", "c", "d", "e", "f"]
-PLANTED_TEXT = "<s> a b c d e . f a b c d e f a b c d e f a b c d"
-# residual features of the planted model (d_model = 16)
-F_BOS, F_CONST, F_DOT, F_TAG_DOT, F_TAG_BOS = 0, 1, 2, 3, 4
+EV_MEASURES = ("tags", "mean_value", "random_token", "random_subspace")
 
 
-def planted_model(sink_strength: float = 0.6, retrieve: float = 3.0, seed: int = 0) -> Model:
-    """A two-layer Llama (d_model 16, two heads of size 8, MLPs off) whose answer is known.
+def _norm_parts(X: torch.Tensor, U: torch.Tensor) -> float:
+    """||X U U^T||_F^2 for rows X (n, dh) and an orthonormal basis U (dh, r)."""
+    return float(((X @ U) ** 2).sum()) if U.shape[1] else 0.0
 
-    Layer 0, head 0 is a sink head: every query reads a constant feature, the key of `<s>` and of
-    `.` reads their own features (`.` more strongly), so tokens before the first `.` are caught by
-    `<s>` and tokens after it by `.`. Its values read only the `<s>` and `.` features, and W_O
-    writes them on the residual directions e_4 (the tag of `<s>`) and e_3 (the tag of `.`), so every
-    head output lies in the tag subspace: EV = 1. Head 1 attends uniformly (no sink at T >= 20)
-    and writes small vectors on the noise dimensions 8..15.
-    Layer 1, head 0 retrieves by tag: its keys read e_3, the tag of `.`, so its queries attend to
-    the tokens that `.` caught. RoPE is made negligible (theta = 1e12, signals on its slowest
-    dimensions). Text goes through a whitespace word-level tokenizer (`PLANTED_VOCAB`).
+
+def value_space_ev(
+    model: Model,
+    caps: Capture | Sequence[Capture],
+    eps: float = DEFAULT_EPS,
+    stats: Sequence[SinkStats] | None = None,
+    layers: Sequence[int] | None = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """The paper's explained variance (paper, via note) and its baselines, per (layer, head).
+
+    For each prompt, layer and head with at least one sink: X = A V (T, dh), the head's whole
+    output in value space (every row, first token included); U_tags = orthonormal basis of the
+    span of the sinks' value vectors v_s (rank r). For each basis U the numerator is
+    ||X U U^T||_F^2 and the denominator ||X||_F^2. Bases (`EV_MEASURES`):
+
+    - `tags`: the sinks' value vectors (rank r);
+    - `mean_value`: the mean value vector of the prompt's tokens in that head (rank 1);
+    - `random_token`: the values of r non-sink tokens (positions >= 1) drawn at random;
+    - `random_subspace`: r Gaussian directions of the value space R^dh.
+
+    Pooled over prompts as ratios of sums: `ve_<measure>` = sqrt(sum num / sum den) (the paper's
+    ratio of norms; equal to the per-prompt ratio with one prompt) and `ve2_<measure>` = sum num /
+    sum den (the squared version, a share of the output's energy). Also `n_tags` (mean over the
+    prompts where the head has a sink), `n_prompts`. Heads that never have a sink are NaN.
+    Random draws come from `seed` (same seed, same numbers). Under grouped-query attention the
+    query heads that share a kv head share V (`model.n_kv_heads`), so their value spaces coincide.
     """
-    from tokenizers import Tokenizer
-    from tokenizers.models import WordLevel
-    from tokenizers.pre_tokenizers import WhitespaceSplit
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from .progress import progress as progress_bar
+    from .capture import attention_probs
 
-    from .models import _wrap
+    eps = check_eps(eps)
+    caps = _as_list(caps)
+    stats = _stats_for(caps, stats)
+    layers = caps[0].layers if layers is None else [int(l) for l in layers]
+    rows = []
+    for p, (cap, st) in progress_bar(list(enumerate(zip(caps, stats))), "value-space EV", enabled=progress):
+        sinks_all = st.sinks(eps)
+        for layer in layers:
+            if layer not in cap.attn_inputs:
+                raise CatchtagError(f"layer {layer} was not captured: capture it (layers=None captures all)")
+            ai = cap.attn_inputs[layer]
+            V = ai.v.double()
+            X = attention_probs(ai).double() @ V  # (H, T, dh)
+            sk = sinks_all[st.layers.index(layer)]
+            for h in range(model.n_heads):
+                pos = torch.nonzero(sk[h]).flatten().tolist()
+                if not pos:
+                    continue
+                gen = torch.Generator().manual_seed(int(seed) * 1_000_003 + p * 10_007 + layer * 101 + h)
+                Ut = orthonormal_basis(V[h, pos])
+                r = Ut.shape[1]
+                others = [i for i in range(1, V.shape[1]) if i not in pos]
+                if len(others) >= r:
+                    pick = torch.randperm(len(others), generator=gen)[:r].tolist()
+                    Ur = orthonormal_basis(V[h, [others[i] for i in pick]])
+                else:
+                    Ur = torch.zeros(V.shape[-1], 0, dtype=torch.float64)
+                G = torch.randn(V.shape[-1], r, generator=gen, dtype=torch.float64)
+                bases = dict(tags=Ut, mean_value=orthonormal_basis(V[h].mean(0, keepdim=True)),
+                             random_token=Ur, random_subspace=torch.linalg.qr(G)[0])
+                row = dict(prompt=p, layer=layer, head=h, n_tags=len(pos), den=float((X[h] ** 2).sum()))
+                row.update({f"num_{k}": _norm_parts(X[h], U) for k, U in bases.items()})
+                if not Ur.shape[1]:
+                    row["num_random_token"] = np.nan
+                rows.append(row)
+    cols = ["prompt", "layer", "head", "n_tags", "den"] + [f"num_{k}" for k in EV_MEASURES]
+    df = pd.DataFrame(rows, columns=cols)
+    full = pd.MultiIndex.from_product([layers, range(model.n_heads)], names=["layer", "head"])
+    g = df.groupby(["layer", "head"])
+    out = pd.DataFrame(index=full)
+    for k in EV_MEASURES:
+        out[f"ve2_{k}"] = (g[f"num_{k}"].sum(min_count=1) / g["den"].sum()).reindex(full)
+        out[f"ve_{k}"] = np.sqrt(out[f"ve2_{k}"])
+    out["n_tags"] = g["n_tags"].mean().reindex(full).fillna(0.0)
+    out["n_prompts"] = g.size().reindex(full).fillna(0).astype(int)
+    return out.reset_index()
 
-    cfg = LlamaConfig(
-        vocab_size=len(PLANTED_VOCAB), hidden_size=16, intermediate_size=8, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=2, head_dim=8, rope_theta=1e12,
-        max_position_embeddings=128, tie_word_embeddings=False, attn_implementation="sdpa",
-    )
-    torch.manual_seed(seed)
-    hf = LlamaForCausalLM(cfg)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in hf.parameters():
-            if p.dim() > 1:
-                p.zero_()
-        emb = hf.model.embed_tokens.weight
-        emb[:, F_CONST] = 1.0
-        emb[0, F_BOS] = 3.0
-        emb[1, F_DOT] = 2.0
-        emb[2:, 8:] = torch.randn(len(PLANTED_VOCAB) - 2, 8, generator=g) * 0.5
-        L0 = hf.model.layers[0].self_attn
-        L0.q_proj.weight[3, F_CONST] = 2.0  # head 0, slow RoPE dimension 3
-        L0.k_proj.weight[3, F_BOS] = sink_strength
-        L0.k_proj.weight[3, F_DOT] = 2.5 * sink_strength
-        L0.v_proj.weight[0, F_BOS] = 1.0
-        L0.v_proj.weight[1, F_DOT] = 1.0
-        L0.o_proj.weight[F_TAG_BOS, 0] = 1.0
-        L0.o_proj.weight[F_TAG_DOT, 1] = 1.0
-        for j in range(8):  # head 1: uniform attention (zero q, k), values from the noise dims
-            L0.v_proj.weight[8 + j, 8 + j] = 1.0
-            L0.o_proj.weight[8 + j, 8 + j] = 0.1
-        L1 = hf.model.layers[1].self_attn
-        L1.q_proj.weight[3, F_CONST] = 2.0
-        L1.k_proj.weight[3, F_TAG_DOT] = retrieve
-        L1.v_proj.weight[0, F_DOT] = 1.0
-        L1.o_proj.weight[5, 0] = 1.0
-        hf.lm_head.weight.copy_(torch.randn(hf.lm_head.weight.shape, generator=g))
-    vocab = {t: i for i, t in enumerate(PLANTED_VOCAB)}
-    tk = Tokenizer(WordLevel(vocab, unk_token="a"))
-    tk.pre_tokenizer = WhitespaceSplit()
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="a")
-    return _wrap("planted", hf, tok, False, None, source="catchtag.tags.planted_model")
+
+def ev_summary(table: pd.DataFrame) -> dict:
+    """Medians of every `ve_*`/`ve2_*` column of `value_space_ev` (and of `ev`, `ev_raw` of
+    `head_explained_variance` if present) over the heads that have a value, keyed
+    `<column>_median`; `n_ve_heads` counts heads with a VE; `ve_share_20_40` / `ve_share_above_70`: the
+    share of those heads whose paper VE lies in the paper's 20%–40% band / above 70%."""
+    out = {}
+    for c in table.columns:
+        if c.startswith(("ve_", "ve2_")) or c in ("ev", "ev_raw"):
+            x = table[c].dropna()
+            out[f"{c}_median"] = float(x.median()) if len(x) else float("nan")
+    ve = table["ve_tags"].dropna() if "ve_tags" in table else pd.Series(dtype=float)
+    out["n_ve_heads"] = int(len(ve))
+    out["ve_share_20_40"] = float(((ve >= 0.2) & (ve <= 0.4)).mean()) if len(ve) else float("nan")
+    out["ve_share_above_70"] = float((ve > 0.7).mean()) if len(ve) else float("nan")
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Tag geometry (paper App. D, via note)
+
+
+def tag_geometry(
+    model: Model,
+    caps: Capture | Sequence[Capture],
+    eps: float = DEFAULT_EPS,
+    stats: Sequence[SinkStats] | None = None,
+    noop_ratio: float = 0.25,
+    progress: bool = True,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Cosines between tags, and between tags and token representations, and no-op sinks.
+
+    Tags are taken where they enter the residual stream, r_s = `to_residual`(W_O^h v_s) (Gemma:
+    times the post-attention norm's gain; the per-position rms does not change a direction), so
+    tags of different heads and layers can be compared. Returns (pairs, sinks):
+
+    - `pairs`: one row per pair of sinks of one prompt with columns prompt, kind, cos (residual
+      stream), cos_wo (the same before the post-attention norm's gain: W_O^h v_s), where kind
+      is "same head" (two sinks of one head; also `cos_value`, the cosine of the value vectors, the
+      paper's tags), "same layer" (two heads of one layer that read different kv heads; query heads
+      sharing a kv head have identical value spaces and are skipped) or "across layers";
+    - `sinks`: one row per (prompt, layer, head, sink) with `position`, `kind` (token kind),
+      `value_ratio` = ||W_O^h v_s|| / median_j ||W_O^h v_j|| over the prompt's non-sink tokens
+      j >= 1 of that head, `noop` = value_ratio < `noop_ratio` (a sink that writes almost nothing:
+      a "no-op"; otherwise it broadcasts its tag), and `cos_tokens` = the median |cos(r_s, x_i)|
+      over the representations x_i entering the layer (residual stream after layer l - 1, tokens
+      i >= 1; NaN for layer 0 or without `resid_post`).
+
+    Cosines of random directions in d_model dimensions are about 1/sqrt(d_model) in size
+    (`random_abs_cos`).
+    """
+    from .capture import to_residual
+    from .progress import progress as progress_bar
+
+    eps = check_eps(eps)
+    caps = _as_list(caps)
+    stats = _stats_for(caps, stats)
+    group = model.n_heads // model.n_kv_heads
+    pair_rows, sink_rows = [], []
+    for p, (cap, st) in progress_bar(list(enumerate(zip(caps, stats))), "tag geometry", enabled=progress):
+        sk = st.sinks(eps)
+        vecs, meta, wos = [], [], []
+        for li, layer in enumerate(st.layers):
+            ai = cap.attn_inputs[layer]
+            T = ai.v.shape[1]
+            wo_all = per_head_project(model, layer, ai.v).double()  # (H, T, d): W_O^h v_j
+            t_all = to_residual(model, layer, wo_all)  # (H, T, d): as it enters the residual stream
+            norms = t_all.norm(dim=-1)  # (H, T)
+            x = None
+            if cap.resid_post is not None and layer > 0:
+                x = cap.resid_post[layer - 1, 1:].double()
+                x = x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+            for h in range(model.n_heads):
+                pos = torch.nonzero(sk[li, h]).flatten().tolist()
+                rest = [i for i in range(1, T) if i not in pos]
+                ref = float(norms[h, rest].median()) if rest else float("nan")
+                for s in pos:
+                    r = t_all[h, s] / norms[h, s].clamp_min(1e-12)
+                    ct = float((x @ r).abs().median()) if x is not None else float("nan")
+                    ratio = float(norms[h, s]) / ref if ref > 0 else float("nan")
+                    sink_rows.append(dict(prompt=p, layer=layer, head=h, position=s,
+                                          kind=token_kind(cap.tokens[s], s), value_ratio=ratio,
+                                          noop=bool(ratio < noop_ratio), cos_tokens=ct))
+                    vecs.append(r)
+                    wos.append(wo_all[h, s] / wo_all[h, s].norm().clamp_min(1e-12))
+                    meta.append((layer, h, h // group, s, ai.v[h, s].double()))
+        if len(vecs) < 2:
+            continue
+        R = torch.stack(vecs)
+        C = (R @ R.T).numpy()
+        W = torch.stack(wos)
+        Cw = (W @ W.T).numpy()
+        L_, H_, K_ = (np.array([x[i] for x in meta]) for i in range(3))
+        iu, ju = np.triu_indices(len(meta), k=1)
+        same_layer = L_[iu] == L_[ju]
+        same_head = same_layer & (H_[iu] == H_[ju])
+        for kind, sel in (("same head", same_head), ("same layer", same_layer & ~same_head & (K_[iu] != K_[ju])),
+                          ("across layers", ~same_layer)):
+            ia, ib = iu[sel], ju[sel]
+            cv = np.full(len(ia), np.nan)
+            if kind == "same head" and len(ia):
+                va = torch.stack([meta[i][4] for i in ia])
+                vb = torch.stack([meta[i][4] for i in ib])
+                cv = ((va * vb).sum(-1) / (va.norm(dim=-1) * vb.norm(dim=-1)).clamp_min(1e-12)).numpy()
+            pair_rows.append(pd.DataFrame(dict(prompt=p, kind=kind, cos=C[ia, ib], cos_wo=Cw[ia, ib], cos_value=cv)))
+    cols = ["prompt", "kind", "cos", "cos_wo", "cos_value"]
+    pairs = pd.concat(pair_rows, ignore_index=True)[cols] if pair_rows else pd.DataFrame(columns=cols)
+    sinks = pd.DataFrame(sink_rows, columns=["prompt", "layer", "head", "position", "kind", "value_ratio",
+                                             "noop", "cos_tokens"])
+    return pairs, sinks
+
+
+def random_abs_cos(d: int, n: int = 20000, seed: int = 0) -> float:
+    """Median |cos| between pairs of independent Gaussian directions in d dimensions (about
+    0.674 / sqrt(d)): the scale against which 'nearly orthogonal' is read."""
+    g = torch.Generator().manual_seed(int(seed))
+    a = torch.randn(n, d, generator=g, dtype=torch.float64)
+    b = torch.randn(n, d, generator=g, dtype=torch.float64)
+    cos = (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1))
+    return float(cos.abs().median())
+
+
+def geometry_summary(pairs: pd.DataFrame, sinks: pd.DataFrame) -> dict:
+    """Medians of |cos| by pair kind (`cos_same_head`, `cos_value_same_head`, `cos_same_layer`,
+    `cos_across_layers`, and `cos_wo_*` before the post-attention norm's gain), `cos_tokens` (median over sinks), and the share of no-op sinks among
+    first-token sinks (`noop_first`) and the others (`noop_other`), with their counts."""
+    out = {}
+    for kind, key in (("same head", "same_head"), ("same layer", "same_layer"), ("across layers", "across_layers")):
+        sel = pairs[pairs.kind == kind]
+        out[f"cos_{key}"] = float(sel.cos.abs().median()) if len(sel) else float("nan")
+        out[f"cos_wo_{key}"] = float(sel.cos_wo.abs().median()) if len(sel) else float("nan")
+        out[f"n_{key}"] = int(len(sel))
+    sel = pairs[pairs.kind == "same head"]
+    out["cos_value_same_head"] = float(sel.cos_value.abs().median()) if len(sel) else float("nan")
+    out["cos_tokens"] = float(sinks.cos_tokens.median()) if sinks.cos_tokens.notna().any() else float("nan")
+    first = sinks[sinks.kind == "first"]
+    other = sinks[sinks.kind != "first"]
+    out["noop_first"] = float(first.noop.mean()) if len(first) else float("nan")
+    out["noop_other"] = float(other.noop.mean()) if len(other) else float("nan")
+    out["n_first_sinks"], out["n_other_sinks"] = int(len(first)), int(len(other))
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# The chapter's example head and its tag plane
+
+
+def two_sink_head(seg: pd.DataFrame):
+    """From a `segment_table`: the (prompt, layer, head, [s1, s2]) where two sinks of one head catch
+    the most tokens (the smaller of the two segments as large as possible), or None."""
+    seg = seg[seg.n_caught > 0]
+    best = None
+    for (p, l, h), g in seg.groupby(["prompt", "layer", "head"]):
+        if len(g) < 2:
+            continue
+        top = g.sort_values("n_caught", ascending=False).head(2)
+        score = int(top.n_caught.min())
+        if best is None or score > best[0]:
+            best = (score, int(p), int(l), int(h), [int(x) for x in top.position])
+    return None if best is None else best[1:]
+
+
+def tag_plane(tags: torch.Tensor, outputs: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Coordinates of `outputs` (T, d) and of two `tags` (2, d) in the plane the tags span, with
+    axes made orthonormal (QR) and each tag on the positive side of its own axis (paper Fig. 1b)."""
+    t = tags.double()
+    Q, R = torch.linalg.qr(t.T)
+    Q = Q * torch.sign(torch.diagonal(R))
+    return (outputs.double() @ Q).numpy(), (t @ Q).numpy()
+
+
+# --------------------------------------------------------------------------------------------------
+# Verdict (the strings of catchtag.book.reproduction.VERDICTS)
+
+REPRODUCED, PARTLY, NOT_REPRODUCED, OFFLINE = "reproduced", "partly", "not reproduced", "not testable offline"
+
+
+def cosine_summary(cos: pd.DataFrame) -> dict:
+    """Medians of cos(o_i, t_s) (`tag_cosine_table`) for caught and not caught tokens, all sinks
+    and non-first sinks only: cos_caught, cos_not, cos_caught_other, cos_not_other."""
+    first = cos.sink == 0
+
+    def med(sel):
+        return float(cos.cos[sel].median()) if sel.any() else float("nan")
+
+    return dict(cos_caught=med(cos.caught), cos_not=med(~cos.caught),
+                cos_caught_other=med(cos.caught & ~first), cos_not_other=med(~cos.caught & ~first))
+
+
+def verdict_tag_direction(per_model: dict, min_cos: float = 0.5, min_gap: float = 0.2) -> str:
+    """The verdict on "caught tokens point along their sink's tag" (paper Fig. 1b).
+
+    `per_model`: {model: (median cos caught, median cos not caught)}. A model agrees when the
+    caught median is at least `min_cos` and exceeds the not-caught median by at least `min_gap`.
+    "reproduced" when every model agrees, "partly" when some do, "not reproduced" when none does.
+    """
+    if not per_model:
+        raise CatchtagError("verdict_tag_direction needs at least one model's cosines")
+    ok = [c >= min_cos and c - n >= min_gap for c, n in per_model.values()]
+    return REPRODUCED if all(ok) else PARTLY if any(ok) else NOT_REPRODUCED
