@@ -137,3 +137,25 @@ def test_long_prompts_reach_150_tokens(any_model):
 
     for p in V.long_prompts(6):
         assert len(tokenize(any_model, p)) >= V.MIN_TOKENS
+
+
+def seg_fixture():
+    return pd.DataFrame(dict(
+        prompt=[0, 0, 1, 1, 1], layer=[0, 1, 0, 2, 2], kind=["first", "punctuation", "first", "other", "newline"],
+        position=[0, 4, 0, 7, 9], n_caught=[10, 3, 12, 5, 0], n_visible=[20, 10, 20, 8, 6],
+        share=[0.5, 0.3, 0.6, 5 / 8, 0.0], n_runs=[2, 1, 1, 2, 0], first_caught=[1, 5, 1, 9, -1]))
+
+
+def test_catch_summary_by_hand():
+    depth = pd.DataFrame(dict(layer=[0, 1], caught_first=[0.5, 0.7], caught_other=[0.1, 0.1], not_caught=[0.4, 0.2]))
+    s = V.catch_summary(seg_fixture(), depth)
+    assert s["caught_share"] == pytest.approx(0.7) and s["caught_first"] == pytest.approx(0.6)
+    assert s["first_len"] == 11 and s["first_seg_share"] == pytest.approx(0.55)
+    assert s["other_len"] == 4 and s["other_one_run"] == 0.5 and s["other_starts_after"] == 0.5
+    assert s["other_catching"] == pytest.approx(2 / 3) and s["other_visible"] == 8
+    k = V.catch_by_kind(seg_fixture())
+    assert k.loc["punctuation", "share_of_caught"] == pytest.approx(3 / 8) and k.loc["newline", "sinks"] == 1
+    assert V.busiest_prompt_layers(seg_fixture()) == (1, [2])
+    assert V.busiest_prompt_layers(seg_fixture().iloc[[0, 2]]) == (0, [])
+    with pytest.raises(CatchtagError):
+        V.catch_summary(seg_fixture(), depth.iloc[:0])

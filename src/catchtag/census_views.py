@@ -231,3 +231,62 @@ def teaser_head(table: pd.DataFrame) -> tuple[int, int, bool]:
     distinct = table[sinks].apply(lambda r: len({int(x) for x in r if x >= 0}), axis=1)
     best = table.loc[distinct.idxmax()]
     return int(best["layer"]), int(best["head"]), False
+
+
+# --------------------------------------------------------------------------------------------------
+# The catch chapter's summaries (tables from catchtag.tags.segment_table and catch_by_layer)
+
+
+def catch_summary(seg: pd.DataFrame, depth: pd.DataFrame) -> dict:
+    """Catching in one model, from `tags.segment_table` (`seg`) and `tags.catch_by_layer` (`depth`):
+
+    - `caught_share`, `caught_first`, `caught_other`: share of (query, head) pairs caught by any
+      sink, by the first token, by another sink (mean over layers of the per-layer shares);
+    - `first_len`, `first_seg_share`: median segment length of first-token sinks and median share
+      of the tokens after the sink that it catches; `other_len`, `other_seg_share` the same for the
+      non-first sinks that catch something (NaN when none);
+    - `other_one_run`: share of those segments that are one unbroken run; `other_starts_after`:
+      share that start right after their sink; `other_catching`: share of non-first sinks that
+      catch at least one token; `other_visible`: median number of later non-sink queries of a
+      non-first sink."""
+    if depth.empty:
+        raise CatchtagError("catch_by_layer gave no layers: capture at least one layer")
+    first = seg[seg["kind"] == "first"]
+    others = seg[seg["kind"] != "first"]
+    other = others[others["n_caught"] > 0]
+    pairs = depth[["caught_first", "caught_other", "not_caught"]].mean()
+    med = lambda x: float(x.median()) if len(x) else float("nan")
+    mean = lambda x: float(x.mean()) if len(x) else float("nan")
+    return dict(
+        caught_share=float(1 - pairs["not_caught"]),
+        caught_first=float(pairs["caught_first"]),
+        caught_other=float(pairs["caught_other"]),
+        first_len=med(first["n_caught"]), first_seg_share=med(first["share"].dropna()),
+        other_len=med(other["n_caught"]), other_seg_share=med(other["share"].dropna()),
+        other_one_run=mean(other["n_runs"] == 1),
+        other_starts_after=mean(other["first_caught"] == other["position"] + 1),
+        other_catching=mean(others["n_caught"] > 0),
+        other_visible=med(others["n_visible"]),
+    )
+
+
+def catch_by_kind(seg: pd.DataFrame) -> pd.DataFrame:
+    """Per kind of non-first sink (punctuation, newline, other): `sinks` (how many), `caught`
+    (tokens they catch, summed) and `share_of_caught` (share of everything non-first sinks catch)."""
+    other = seg[seg["kind"] != "first"]
+    k = other.groupby("kind").agg(sinks=("n_caught", "size"), caught=("n_caught", "sum"))
+    k = k.reindex(["punctuation", "newline", "other"], fill_value=0)
+    total = k["caught"].sum()
+    k["share_of_caught"] = k["caught"] / total if total else float("nan")
+    return k
+
+
+def busiest_prompt_layers(seg: pd.DataFrame, n_layers: int = 3) -> tuple[int, list[int]]:
+    """The prompt where non-first sinks catch the most tokens, and its `n_layers` layers where they
+    catch the most (sorted); (0, []) when no non-first sink catches anything."""
+    other = seg[(seg["kind"] != "first") & (seg["n_caught"] > 0)]
+    if other.empty:
+        return 0, []
+    p = int(other.groupby("prompt")["n_caught"].sum().idxmax())
+    by_layer = other[other["prompt"] == p].groupby("layer")["n_caught"].sum().sort_values(ascending=False, kind="stable")
+    return p, sorted(int(l) for l in by_layer.index[:n_layers])
