@@ -10,15 +10,13 @@ scored". Such a key has no alpha and is never a sink, so the last 10 tokens of a
 sinks. With fewer later queries, alpha is a mean over a handful of rows and says more about the
 last tokens' own attention than about a sink.
 
-**Switching to the library's census.** `catchtag.sinks` is being extended so that the cut-off is a
-census-time parameter (`census(stats, eps, min_queries)`, `sink_table(..., min_queries)` with
-columns `n_queries` and `from_end`, `SinkStats.sinks/caught(eps, min_queries)`). Until then this
-module applies the cut-off itself: `score_stats` computes statistics with no cut-off and `cut`
-masks alpha where fewer than `min_queries` later queries see the key (T - 1 - k of them: the
-book's prompts are shorter than Gemma's 512-token sliding window, so no window cuts them; `cut`
-refuses a prompt longer than `MAX_UNWINDOWED` tokens rather than miscount). `cut`, `score_stats`,
-`census_at` and `sink_rows` are the only functions whose bodies change when the library's census
-takes the cut-off.
+**Two versions of the library.** `score_stats` computes statistics with every key scored, and `cut`
+applies the rule. When the `SinkStats` carry the visible-query counts (`n_queries`, the library's
+window-aware census rule, `SinkStats.alpha_at(min_queries)`), `cut` uses them; otherwise it masks
+alpha where fewer than `min_queries` later queries (T - 1 - k) see the key, which is exact for
+prompts shorter than Gemma's 512-token sliding window, and refuses longer prompts
+(`MAX_UNWINDOWED`) rather than miscount. Either way the same rule: n_k - 1 >= min_queries, n_k the
+queries that see k, itself included.
 """
 
 from __future__ import annotations
@@ -77,7 +75,7 @@ def long_prompts(n: int, seed: int = 0, min_chars: int = MIN_CHARS) -> list[str]
 
 def score_stats(cap: Capture) -> SinkStats:
     """Sink statistics of one prompt with every key scored (the cut-off is applied by `cut`)."""
-    return sink_stats(cap, min_queries=1)
+    return sink_stats(cap, min_queries=0)
 
 
 def later_queries(stats: SinkStats) -> np.ndarray:
@@ -102,6 +100,9 @@ def cut(stats: Sequence[SinkStats], min_queries: int = CUTOFF) -> list[SinkStats
     min_queries = check_cutoff(min_queries)
     out = []
     for st in stats:
+        if getattr(st, "n_queries", None) is not None:  # the library's window-aware census rule
+            out.append(dataclasses.replace(st, received=st.alpha_at(min_queries), min_queries=min_queries))
+            continue
         few = torch.as_tensor(later_queries(st) < min_queries)
         received = st.received.clone()
         received[..., few] = float("nan")
@@ -120,13 +121,15 @@ def census_at(stats: Sequence[SinkStats], eps: float = DEFAULT_EPS, min_queries:
 
 
 def sink_rows(stats: Sequence[SinkStats], eps: float = DEFAULT_EPS, min_queries: int = CUTOFF) -> pd.DataFrame:
-    """`sinks.sink_table` at the cut-off, with `n_queries` (later queries that see the key) and
-    `from_end` (T - 1 - position: 0 is the prompt's last token)."""
+    """`sinks.sink_table` at the cut-off, with `from_end` (T - 1 - position: 0 is the prompt's last
+    token) and `n_queries` (the queries that see the key, itself included: from_end + 1 inside
+    `MAX_UNWINDOWED`; the library's own column where it has one)."""
     stats = list(stats)
     t = sink_table(cut(stats, min_queries), eps)
     lengths = np.array([len(st.tokens) for st in stats])
     t["from_end"] = (lengths[t["prompt"].to_numpy(dtype=int)] - 1 - t["position"].to_numpy(dtype=int)) if len(t) else []
-    t["n_queries"] = t["from_end"]
+    if "n_queries" not in t:
+        t["n_queries"] = t["from_end"] + 1
     return t
 
 
