@@ -86,6 +86,9 @@ def test_from_end_counts_and_top_tokens():
     assert rows["from_end"].tolist() == [29, 24, 9]
     counts = V.from_end_counts(rows, 10)
     assert counts.sum() == 2 and counts[9] == 1 and counts[10] == 1
+    assert V.from_end_counts(rows, 30, width=5).tolist() == [0, 1, 0, 0, 1, 0, 0]  # 9 -> bin 1, 24 -> bin 4
+    with pytest.raises(CatchtagError):
+        V.from_end_counts(rows, 30, width=0)
     top = V.top_tokens(rows)
     assert set(top["token"]) == {"'w5'", "'w20'"} and top["share"].sum() == 1
 

@@ -195,12 +195,15 @@ def top_tokens(rows: pd.DataFrame, n: int = 8) -> pd.DataFrame:
     return out
 
 
-def from_end_counts(rows: pd.DataFrame, max_from_end: int) -> np.ndarray:
-    """(max_from_end + 1,) counts of non-first sinks by distance from the end; the last bin holds
-    everything at max_from_end or farther."""
+def from_end_counts(rows: pd.DataFrame, max_from_end: int, width: int = 1) -> np.ndarray:
+    """Counts of non-first sinks by distance from the end, in bins of `width` tokens
+    ([0, width), [width, 2 width), ...) up to `max_from_end`; the last bin also holds everything
+    farther. Length max_from_end // width + 1."""
+    if not isinstance(width, int) or width < 1 or not isinstance(max_from_end, int) or max_from_end < 0:
+        raise CatchtagError(f"width={width!r}, max_from_end={max_from_end!r}: use whole numbers, width >= 1")
     other = rows[rows["kind"] != "first"]
-    d = np.minimum(other["from_end"].to_numpy(dtype=int), max_from_end)
-    return np.bincount(d, minlength=max_from_end + 1)
+    d = np.minimum(other["from_end"].to_numpy(dtype=int), max_from_end) // width
+    return np.bincount(d, minlength=max_from_end // width + 1)
 
 
 SUMMARY_ROWS = {
