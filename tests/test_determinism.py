@@ -34,14 +34,15 @@ def test_sinks_chapter_twice_gives_identical_results():
     else:
         assert fa.read_bytes() == fb.read_bytes()
     assert ra["parameters"] == {"model": "smollm2-135m", "compare": "", "eps": 0.2, "seed": 0,
-                                "n_prompts": 2, "remote": "local"}
+                                "n_prompts": 2, "min_queries": 10, "remote": "local"}
     assert ra["model_file_sha256"] == "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
-    data = ra["data"]
+    data = ra["data"]["quantities"]
     assert len(data["sinks_per_head_grid"]) == 30 and len(data["sinks_per_head_grid"][0]) == 9
     assert [row["eps"] for row in data["eps_sweep"]][:2] == [0.05, 0.1]
-    assert 0 < data["summary"]["first_share"] <= 1
-    # the only files the run left in the results folder: the results file and the (empty) staging folder
-    assert sorted(p.name for p in a.results.iterdir()) == [".partial", "sinks-smollm2-135m.json"]
+    assert [row["min_queries"] for row in data["cutoff_sweep"]] == [5, 10, 20, 40]
+    assert 0 < data["first_share"] <= 1
+    # the only files the run left in the results folder: the results files and the (empty) staging folder
+    assert sorted(p.name for p in a.results.iterdir()) == [".partial", "sinks-smollm2-135m.json", "sinks.json"]
     assert list((a.results / ".partial").iterdir()) == []
 
 

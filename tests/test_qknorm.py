@@ -6,7 +6,8 @@ import pytest
 
 from catchtag import qknorm as Q
 from catchtag.capture import attention_logits, capture
-from catchtag.sinks import sink_stats
+from catchtag.errors import CatchtagError
+from catchtag.sinks import census, sink_stats
 
 TEXT = "The storm rolled in over the hills. Farmers hurried home, and the rain began."
 
@@ -58,9 +59,38 @@ def test_mechanism_summary_and_census(small):
     ms = Q.mechanism_summary(t)
     assert list(ms.index) == ["first-token sink", "other sink", "not a sink"]
     assert ms["n"].fillna(0).sum() == len(t)
-    c = Q.sink_census(stats)
-    assert c["n_heads"] == model.n_layers * model.n_heads
-    assert c["sinks_per_head"] == pytest.approx(c["first_per_head"] + c["other_per_head"])
+    c = census(stats)
+    assert c["sinks_per_head"] == pytest.approx(c["first_share"] + c["other_per_head"])
+    assert Q.other_share(c) == pytest.approx(c["other_per_head"] / c["sinks_per_head"])
+
+
+def census_of(sph, other):
+    return dict(sinks_per_head=sph, other_per_head=other, first_share=sph - other)
+
+
+@pytest.mark.parametrize("qk_sph, verdict", [(1.0, "reproduced"), (1.2, "reproduced"), (0.8, "reproduced"),
+                                             (1.3, "partly"), (0.7, "partly"), (1.6, "not reproduced"),
+                                             (0.5, "not reproduced")])
+def test_verdict_total(qk_sph, verdict):
+    v = Q.compare_census(census_of(1.0, 0.2), census_of(qk_sph, 0.1))
+    assert v["verdict_total"] == verdict
+    assert v["sph_ratio"] == pytest.approx(qk_sph)
+    assert f"ratio {qk_sph:.2f}" in v["total_summary"]
+
+
+def test_verdict_other_and_errors():
+    from catchtag.book.reproduction import VERDICTS
+
+    more = Q.compare_census(census_of(1.0, 0.1), census_of(1.0, 0.3))
+    less = Q.compare_census(census_of(1.0, 0.3), census_of(1.0, 0.1))
+    assert more["verdict_other"] == "reproduced" and less["verdict_other"] == "not reproduced"
+    assert more["other_share_no"] == pytest.approx(0.1) and more["other_share_qk"] == pytest.approx(0.3)
+    assert "10% of sinks" in more["other_summary"] and more["other_summary"].startswith("more common")
+    assert {more[k] for k in ("verdict_total", "verdict_other")} | {less["verdict_other"]} <= set(VERDICTS)
+    with pytest.raises(CatchtagError):
+        Q.compare_census(census_of(0.0, 0.0), census_of(1.0, 0.1))
+    with pytest.raises(CatchtagError):
+        Q.compare_census(dict(sinks_per_head=1.0), census_of(1.0, 0.1))
 
 
 def test_separation():

@@ -16,9 +16,16 @@ The mechanism side (ours): for every head and key position j we measure
 - `logit`: the mean over the same queries of scaling * q_i . k_j = scaling |q_i| |k_j| cos;
 - `k_rel`: k_norm divided by the median k_norm over the prompt's positions in that head.
 
-A key is a sink when its received attention alpha_j exceeds eps (catchtag.sinks). With QK-norm the
+Every quantity is defined on the book's definitions page (`book/definitions.md`). A key is a sink
+when its received attention alpha_j exceeds eps and at least 10 later queries see it (the census
+rule; `catchtag.sinks.census`, `catchtag.census_views`). With QK-norm the
 post-norm key norm is bounded by sqrt(head_dim) * max_i |1 + gamma_i| (Gemma's RMSNorm scales by
 1 + gamma), so a sink cannot win by a large key norm alone: it has to win by direction (`cos`).
+
+The §6 comparison (`compare_census`) reads two `sinks.census` dicts and returns the verdicts with
+their rules (ours): the totals are "similar" when the ratio of sinks per head (QK-norm over none)
+is within [0.8, 1.25]; non-first sinks are "more common" when their share of all sinks is larger
+with QK-norm.
 """
 
 from __future__ import annotations
@@ -165,23 +172,47 @@ def separation(table: pd.DataFrame, column: str) -> float:
     return float(np.mean(aucs)) if aucs else float("nan")
 
 
-def sink_census(stats: Sequence[SinkStats], eps: float = DEFAULT_EPS) -> dict:
-    """The §6 side-by-side numbers for one model: sinks per head, first-token and other sinks per
-    head, share of heads with a first-token sink / with another sink, share of sinks that are not
-    the first token, and the kinds of the other sinks."""
-    from .sinks import head_table, sink_table
+REPRODUCED, PARTLY, NOT_REPRODUCED = "reproduced", "partly", "not reproduced"  # the book's verdicts
+SIMILAR = (0.8, 1.25)  # (ours) total sinks "remain similar": ratio QK-norm / none within this range
+NEARLY = (2 / 3, 1.5)  # (ours) partly: within this wider range
 
-    eps = check_eps(eps)
-    ht = head_table(stats, eps)
-    st = sink_table(stats, eps)
-    other = st[st["position"] > 0]
+
+def other_share(c: dict) -> float:
+    """Share of all sinks that are not the first token, from a `sinks.census` dict:
+    other_per_head / sinks_per_head (NaN when there is no sink)."""
+    total = c["sinks_per_head"]
+    return float(c["other_per_head"] / total) if total > 0 else float("nan")
+
+
+def compare_census(no_qk: dict, qk: dict, no_name: str = "without QK-norm", qk_name: str = "with QK-norm") -> dict:
+    """The §6 verdicts from the census (`sinks.census`) of a model without and one with QK-norm.
+
+    Returns `sph_ratio` (sinks per head, QK-norm over none), `other_share_no`, `other_share_qk`,
+    `verdict_total` ("reproduced" when the ratio is within `SIMILAR`, "partly" within `NEARLY`,
+    else "not reproduced"), `verdict_other` ("reproduced" when the non-first share is larger with
+    QK-norm, else "not reproduced") and one-line summaries `total_summary`, `other_summary`.
+    Raises CatchtagError when a census lacks a key or has no sinks at all."""
+    for c, who in ((no_qk, no_name), (qk, qk_name)):
+        missing = [k for k in ("sinks_per_head", "other_per_head") if k not in c]
+        if missing:
+            raise CatchtagError(f"the census of {who} lacks {', '.join(missing)}: pass a sinks.census(...) dict")
+        if not c["sinks_per_head"] > 0:
+            raise CatchtagError(f"{who} has no sinks at all: lower eps or use longer prompts")
+    ratio = qk["sinks_per_head"] / no_qk["sinks_per_head"]
+    a, b = other_share(no_qk), other_share(qk)
+    if SIMILAR[0] <= ratio <= SIMILAR[1]:
+        total = REPRODUCED
+    elif NEARLY[0] <= ratio <= NEARLY[1]:
+        total = PARTLY
+    else:
+        total = NOT_REPRODUCED
+    other = REPRODUCED if b > a else NOT_REPRODUCED
+    word = "similar" if total == REPRODUCED else ("higher" if ratio > 1 else "lower") + " with QK-norm"
     return dict(
-        sinks_per_head=float(ht["n_sinks"].mean()),
-        first_per_head=float(ht["first_sink"].mean()),
-        other_per_head=float(ht["n_other"].mean()),
-        heads_with_sink=float((ht["n_sinks"] > 0).mean()),
-        heads_with_other=float((ht["n_other"] > 0).mean()),
-        other_share=float(len(other) / len(st)) if len(st) else float("nan"),
-        other_punct_share=float(other["kind"].isin(["punctuation", "newline"]).mean()) if len(other) else float("nan"),
-        n_heads=int(ht.groupby(["layer", "head"]).ngroups),
+        sph_ratio=float(ratio), other_share_no=a, other_share_qk=b,
+        verdict_total=total, verdict_other=other,
+        total_summary=(f"{word}: {no_qk['sinks_per_head']:.2f} sinks per head {no_name}, "
+                       f"{qk['sinks_per_head']:.2f} {qk_name} (ratio {ratio:.2f})"),
+        other_summary=(f"{'more' if b > a else 'less'} common with QK-norm: {a:.0%} of sinks are not the "
+                       f"first token {no_name}, {b:.0%} {qk_name}"),
     )
