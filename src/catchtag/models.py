@@ -237,19 +237,77 @@ def _quiet_transformers() -> None:
     hf_logging.disable_progress_bar()
 
 
+ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager")
+
+
+def _model_class(config):
+    """The transformers causal-LM class for a config, or None when transformers does not know it."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM._model_mapping[type(config)]
+    except (KeyError, ValueError, AttributeError):
+        return None
+
+
+def choose_attn_implementation(config, requested: str = "auto", name: str = "") -> str:
+    """The attention implementation to load a model with: "sdpa" where its architecture supports
+    it, else "eager" (Gemma-2: attention softcapping; gpt-oss: learned sink logits).
+
+    `requested` is "auto" (choose), "sdpa" or "eager". Asking for "sdpa" on an architecture without
+    it is a CatchtagError naming the one it supports. The capture recomputes the probabilities from
+    the attention call's inputs, so the numbers do not depend on this choice."""
+    if requested not in ATTN_IMPLEMENTATIONS:
+        raise CatchtagError(
+            f"attn_implementation={requested!r} is not supported: use one of {', '.join(ATTN_IMPLEMENTATIONS)}"
+        )
+    if requested == "eager":
+        return "eager"
+    cls = _model_class(config)
+    sdpa = True if cls is None else bool(getattr(cls, "_supports_sdpa", False))
+    if sdpa:
+        return "sdpa"
+    if requested == "sdpa":
+        raise CatchtagError(
+            f"model {name or type(config).__name__!r} ({cls.__name__}) does not support sdpa "
+            "attention: use attn_implementation='eager' (or 'auto')"
+        )
+    return "eager"
+
+
+def _is_sdpa_refusal(exc: BaseException) -> bool:
+    return "scaled_dot_product_attention" in str(exc) or "sdpa" in str(exc).lower()
+
+
+def _first_line(exc: BaseException, limit: int = 200) -> str:
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:limit]
+
+
 def _load_hf(source, dtype, attn_implementation, trust_remote_code, **kw):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     _quiet_transformers()
 
     tok = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **kw)
-    model = AutoModelForCausalLM.from_pretrained(
-        source,
-        dtype=dtype,
-        attn_implementation=attn_implementation,
-        trust_remote_code=trust_remote_code,
-        **kw,
-    )
+    if attn_implementation == "auto":
+        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code, **kw)
+        attn_implementation = choose_attn_implementation(config, "auto", str(source))
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            source,
+            dtype=dtype,
+            attn_implementation=attn_implementation,
+            trust_remote_code=trust_remote_code,
+            **kw,
+        )
+    except ValueError as exc:
+        if attn_implementation != "sdpa" or not _is_sdpa_refusal(exc):
+            raise CatchtagError(f"model {str(source)!r} cannot be loaded: {_first_line(exc)}") from None
+        # remote code that refuses sdpa without saying so in its class: eager
+        model = AutoModelForCausalLM.from_pretrained(
+            source, dtype=dtype, attn_implementation="eager", trust_remote_code=trust_remote_code, **kw
+        )
     return model, tok
 
 
@@ -259,7 +317,7 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 def load_offline_hf(
     name: str,
     dtype: str = "float32",
-    attn_implementation: str = "sdpa",
+    attn_implementation: str = "auto",
     use_cache: bool = True,
 ):
     """(transformers model, tokenizer, sha256) for a registry model, through the converted cache."""
@@ -290,7 +348,7 @@ def load_offline_hf(
 def load_model(
     name: str = DEFAULT_MODEL,
     dtype: str = "float32",
-    attn_implementation: str = "sdpa",
+    attn_implementation: str = "auto",
     remote: bool | str = False,
     trust_remote_code: bool = False,
     use_cache: bool = True,
@@ -299,14 +357,21 @@ def load_model(
 
     Registry names run offline on CPU. A Hugging Face id loads from the local hub cache (or the hub,
     where the machine can reach it); with `remote=True` nothing is loaded locally: nnsight builds
-    the model on the meta device and traces run on NDIF. `attn_implementation` is "sdpa" by default:
-    the capture recomputes attention probabilities from the attention call's inputs, so the
-    probabilities do not depend on it.
+    the model on the meta device and traces run on NDIF; a local folder (`save_pretrained` output with
+    its tokenizer) loads from that folder.
+
+    `attn_implementation` is "auto" by default: sdpa where the architecture supports it, else eager
+    (Gemma-2's softcapping and gpt-oss's sink logits have no sdpa path in transformers); "sdpa" or
+    "eager" force one (`choose_attn_implementation`). The capture recomputes attention
+    probabilities from the attention call's inputs, so the probabilities do not depend on it.
+    Anything transformers cannot load is a one-line CatchtagError.
     """
     from .remote import check_remote
 
     if dtype not in _DTYPES:
         raise CatchtagError(f"dtype {dtype!r} is not supported: use one of {', '.join(_DTYPES)}")
+    if attn_implementation not in ATTN_IMPLEMENTATIONS:
+        choose_attn_implementation(None, attn_implementation)  # raises the one-line error
     check_remote(remote)
     if not isinstance(name, str) or not name.strip():
         raise CatchtagError(_unknown_model_message(name))
@@ -357,6 +422,7 @@ def _load_hub(name, dtype, attn_implementation, remote, trust_remote_code) -> Mo
     except ValueError as exc:
         raise CatchtagError(f"model {name!r}: {str(exc).splitlines()[0][:200]}") from None
     _check_causal(name, config)
+    attn_implementation = choose_attn_implementation(config, attn_implementation, name)
     kwargs = dict(dtype=_DTYPES[dtype], attn_implementation=attn_implementation)
     if trust_remote_code:
         kwargs["trust_remote_code"] = True
