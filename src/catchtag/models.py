@@ -14,6 +14,7 @@ sizes and hashes; an entry whose manifest is missing or does not match is rebuil
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import importlib.util
 import json
@@ -146,12 +147,42 @@ class Model:
     def config(self):
         return self.hf.config
 
+    def encode(self, text: str) -> tuple[list[int], list[tuple[int, int]] | None]:
+        """(token ids, character span of each token in `text`) as the model's tokenizer gives them.
+
+        The spans are the tokenizer's own offsets (`return_offsets_mapping`, fast tokenizers; None
+        for slow ones); a token it adds (Gemma's <bos>) has the empty span (0, 0), and the bytes of
+        one character split over several tokens all span that character.
+
+        BOS is never doubled: when the tokenizer adds its BOS token and the text already starts
+        with the BOS string (e.g. "<bos>The cat" for Gemma), the added one is dropped, so the text's
+        own BOS is the first token, once."""
+        tok = self.tokenizer
+        fast = bool(getattr(tok, "is_fast", False))
+        enc = tok(text, return_offsets_mapping=True) if fast else tok(text)
+        ids = [int(i) for i in enc.input_ids]
+        offsets = [(int(a), int(b)) for a, b in enc.offset_mapping] if fast else None
+        bos, bos_id = getattr(tok, "bos_token", None), getattr(tok, "bos_token_id", None)
+        if bos and bos_id is not None and len(ids) >= 2 and ids[0] == ids[1] == bos_id and text.startswith(bos):
+            ids = ids[1:]
+            offsets = offsets[1:] if offsets is not None else None
+        return ids, offsets
+
     def tokenize(self, text: str) -> list[int]:
-        return list(self.tokenizer(text).input_ids)
+        """Token ids of `text` (`encode`: the model's BOS added where its tokenizer adds one, never
+        twice)."""
+        return self.encode(text)[0]
 
     def token_strings(self, ids) -> list[str]:
-        """One readable string per token id (decoded, so ' the' keeps its space, '\\n' its newline)."""
-        return [self.tokenizer.decode([int(i)]) for i in ids]
+        """One readable string per token id (decoded, so ' the' keeps its space, '\\n' its newline).
+
+        A token holding only part of a character's UTF-8 bytes (SmolLM2 splits '猫' into three
+        tokens) would decode to the replacement character '\\ufffd'; such a token is shown with
+        its bytes written '<0xE7>' ('<0xE7>', '<0x8C>', '<0xAB>' for '猫'; a leading space is kept),
+        the notation SentencePiece uses for its byte tokens, so every token stays distinct and
+        readable in tables, figures and the viewer. Use `Capture.offsets` (the tokenizer's character
+        spans), not these strings, to find a token in the text."""
+        return [token_display(self.tokenizer, int(i)) for i in ids]
 
     @property
     def max_length(self) -> int:
@@ -167,6 +198,66 @@ class Model:
             raise CatchtagError(
                 f"head {head} is out of range: {self.name} has heads 0..{self.n_heads - 1}"
             )
+
+
+@functools.lru_cache(maxsize=1)
+def _byte_decoder() -> dict[str, int]:
+    """The inverse of GPT-2's byte-level BPE alphabet (bytes_to_unicode): character -> byte."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(bs, cs)}
+
+
+def _render_bytes(data: bytes) -> str:
+    """UTF-8 text where the bytes decode, '<0xNN>' for each byte that does not."""
+    out, i = [], 0
+    while i < len(data):
+        for n in (4, 3, 2, 1):
+            try:
+                out.append(data[i : i + n].decode("utf-8"))
+                i += n
+                break
+            except UnicodeDecodeError:
+                continue
+        else:
+            out.append(f"<0x{data[i]:02X}>")
+            i += 1
+    return "".join(out)
+
+
+def token_bytes(tokenizer, token_id: int) -> bytes | None:
+    """The raw bytes of one token for byte-level BPE (GPT-2 alphabet) and SentencePiece byte-fallback
+    ('<0xNN>', '▁') vocabularies; None when the vocabulary is neither."""
+    piece = tokenizer.convert_ids_to_tokens(int(token_id))
+    if not isinstance(piece, str):
+        return None
+    if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+        try:
+            return bytes([int(piece[3:5], 16)])
+        except ValueError:
+            return None
+    dec = _byte_decoder()
+    if all(c in dec for c in piece):
+        return bytes(dec[c] for c in piece)
+    return None
+
+
+def token_display(tokenizer, token_id: int) -> str:
+    """A readable string for one token: its decoded text, or, for a token that is part of a
+    character's bytes, the decodable part as text and each leftover byte as '<0xNN>'."""
+    text = tokenizer.decode([int(token_id)])
+    if "\ufffd" not in text:
+        return text
+    raw = token_bytes(tokenizer, token_id)
+    if raw is None or not raw:
+        return text
+    return _render_bytes(raw)
 
 
 def _cache_root() -> Path:

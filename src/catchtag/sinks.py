@@ -324,10 +324,12 @@ class SinkStats:
     alpha: torch.Tensor | None = None
     n_queries: torch.Tensor | None = None
     self_attn: torch.Tensor | None = None
+    offsets: list[tuple[int, int]] | None = None  # the tokens' character spans (Capture.offsets)
 
     @classmethod
     def from_heads(cls, model: str, text: str, tokens: list[str], layers: Sequence[int],
-                   per: Sequence[HeadStats], min_queries: int = MIN_QUERIES) -> "SinkStats":
+                   per: Sequence[HeadStats], min_queries: int = MIN_QUERIES,
+                   offsets: list[tuple[int, int]] | None = None) -> "SinkStats":
         """Stack one HeadStats per layer (from `stats_streaming`, `stats_from_probs`, `_finish`)."""
         full = all(p.alpha is not None and p.n_queries is not None for p in per)
         stack = lambda name: torch.stack([getattr(p, name) for p in per])  # noqa: E731
@@ -338,6 +340,7 @@ class SinkStats:
             alpha=stack("alpha") if full else None,
             n_queries=stack("n_queries") if full else None,
             self_attn=stack("self_attn") if all(p.self_attn is not None for p in per) else None,
+            offsets=offsets,
         )
         if full:
             out.received = out.alpha_at(min_queries)
@@ -379,7 +382,8 @@ def sink_stats(cap: Capture, min_queries: int = MIN_QUERIES, chunk: int = 128) -
     stats' default cut-off (`received`, and `sinks`/`caught`/census when they are not given one)."""
     check_min_queries(min_queries)
     per = [stats_streaming(cap.attn_inputs[l], min_queries, chunk) for l in cap.layers]
-    return SinkStats.from_heads(cap.model, cap.text, cap.tokens, cap.layers, per, min_queries)
+    return SinkStats.from_heads(cap.model, cap.text, cap.tokens, cap.layers, per, min_queries,
+                                getattr(cap, "offsets", None))
 
 
 def sink_stats_naive(cap: Capture, min_queries: int = MIN_QUERIES) -> SinkStats:
@@ -388,7 +392,8 @@ def sink_stats_naive(cap: Capture, min_queries: int = MIN_QUERIES) -> SinkStats:
     for l in cap.layers:
         ai = cap.attn_inputs[l]
         per.append(stats_from_probs(attention_probs(ai), min_queries, ai.sliding_window, ai.mask))
-    return SinkStats.from_heads(cap.model, cap.text, cap.tokens, cap.layers, per, min_queries)
+    return SinkStats.from_heads(cap.model, cap.text, cap.tokens, cap.layers, per, min_queries,
+                                getattr(cap, "offsets", None))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -508,23 +513,62 @@ def min_queries_sweep(stats: Sequence[SinkStats], values: Iterable[int], eps: fl
 # Which sink catches which sentence (the paper's teaser)
 
 
-def token_spans(tokens: Sequence[str], text: str) -> list[tuple[int, int]]:
-    """Character span of each token in `text`; tokens not in the text (<bos>) get an empty span."""
-    spans, cursor = [], 0
-    for tok in tokens:
+def _tokens_and_offsets(tokens, offsets):
+    """(token strings, offsets or None) from a list of strings or a Capture / SinkStats."""
+    if hasattr(tokens, "tokens"):
+        if offsets is None:
+            offsets = getattr(tokens, "offsets", None)
+        tokens = tokens.tokens
+    return list(tokens), offsets
+
+
+def token_spans(tokens, text: str, offsets=None) -> list[tuple[int, int]]:
+    """Character span (start, stop) of each token in `text`.
+
+    `tokens`: the token strings, or a Capture / SinkStats, whose `tokens` and `offsets` are used.
+    With `offsets` (the tokenizer's character offsets, `Capture.offsets`), those are the spans: the
+    bytes of a character split over several tokens all span that character, and a token the
+    tokenizer added (Gemma's <bos>) has an empty span. Without them the strings are matched against
+    the text in order; a token that does not match where the text continues (an added <bos>, a
+    byte piece shown as '<0xE7>') waits for the next token that matches a few characters further
+    on and is given the characters skipped in between (an empty span if none were)."""
+    tokens, offsets = _tokens_and_offsets(tokens, offsets)
+    if offsets is not None:
+        if len(offsets) != len(tokens):
+            raise CatchtagError(f"{len(offsets)} offsets for {len(tokens)} tokens: pass one per token")
+        return [(int(a), int(max(a, b))) for a, b in offsets]
+    spans: list[tuple[int, int] | None] = []
+    pending: list[int] = []
+    cursor = 0
+    for i, tok in enumerate(tokens):
         at = text.find(tok, cursor) if tok else -1
-        if tok and at == cursor:
+        if at == cursor or (at > cursor and pending and at - cursor <= 4 * len(pending)):
+            for j in pending:
+                spans[j] = (cursor, at)
+            pending = []
             spans.append((at, at + len(tok)))
             cursor = at + len(tok)
         else:
-            spans.append((cursor, cursor))
-    return spans
+            spans.append(None)
+            pending.append(i)
+    for j in pending:
+        spans[j] = (cursor, cursor)
+    return [sp if sp is not None else (cursor, cursor) for sp in spans]
 
 
-def groups_from_spans(tokens: Sequence[str], text: str, char_spans) -> list[list[int]]:
-    """Token positions inside each character span (a token belongs where its first char falls)."""
-    tspans = token_spans(tokens, text)
-    return [[i for i, (a, b) in enumerate(tspans) if b > a and lo <= a < hi] for lo, hi in char_spans]
+def groups_from_spans(tokens, text: str, char_spans, offsets=None) -> list[list[int]]:
+    """Token positions inside each character span: a token belongs where its first non-blank
+    character falls (so ' The' belongs to the sentence 'The ...' starts, whether or not the span
+    includes the space before it; a token of blanks only, where its first character falls); tokens
+    with an empty span, such as an added <bos>, belong nowhere. `tokens`: strings, or a Capture /
+    SinkStats (its offsets are then used, see `token_spans`)."""
+    tspans = token_spans(tokens, text, offsets)
+    starts = []
+    for a, b in tspans:
+        piece = text[a:b]
+        starts.append(a + len(piece) - len(piece.lstrip()) if piece.strip() else a)
+    return [[i for i, ((a, b), c) in enumerate(zip(tspans, starts)) if b > a and lo <= c < hi]
+            for lo, hi in char_spans]
 
 
 def segment_heads(stats: SinkStats, groups: Sequence[Sequence[int]], eps: float = DEFAULT_EPS,
