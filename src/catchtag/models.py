@@ -380,7 +380,10 @@ def _load_hf(source, dtype, attn_implementation, trust_remote_code, **kw):
 
     _quiet_transformers()
 
-    tok = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **kw)
+    try:
+        tok = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **kw)
+    except (OSError, ValueError, TypeError) as exc:
+        raise CatchtagError(f"model {str(source)!r}: its tokenizer cannot be loaded ({_first_line(exc)})") from None
     if attn_implementation == "auto":
         config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code, **kw)
         attn_implementation = choose_attn_implementation(config, "auto", str(source))
@@ -392,6 +395,8 @@ def _load_hf(source, dtype, attn_implementation, trust_remote_code, **kw):
             trust_remote_code=trust_remote_code,
             **kw,
         )
+    except OSError as exc:
+        raise CatchtagError(f"model {str(source)!r} cannot be loaded: {_first_line(exc)}") from None
     except ValueError as exc:
         if attn_implementation != "sdpa" or not _is_sdpa_refusal(exc):
             raise CatchtagError(f"model {str(source)!r} cannot be loaded: {_first_line(exc)}") from None
