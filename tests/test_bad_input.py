@@ -112,6 +112,34 @@ def _encoder(tmp_path: Path, monkeypatch) -> str:
     return str(tmp_path / "inputs" / "bert")
 
 
+def _binary_file(tmp_path: Path, monkeypatch) -> str:
+    # The issue's `head -c 3000 /dev/urandom > bin.dat`, with a fixed seed.
+    import random
+
+    data = bytes(random.Random(0).randrange(256) for _ in range(3000))
+    (tmp_path / "inputs").mkdir(exist_ok=True)
+    (tmp_path / "inputs" / "bin.dat").write_bytes(data)
+    return str(tmp_path / "inputs" / "bin.dat")
+
+
+def _latin1_file(tmp_path: Path, monkeypatch) -> str:
+    (tmp_path / "inputs").mkdir(exist_ok=True)
+    (tmp_path / "inputs" / "latin1.txt").write_bytes("Voilà le café.".encode("latin-1"))
+    return str(tmp_path / "inputs" / "latin1.txt")
+
+
+def _directory(tmp_path: Path, monkeypatch) -> str:
+    (tmp_path / "inputs").mkdir(exist_ok=True)
+    return str(tmp_path / "inputs")
+
+
+def _unknown_architecture(tmp_path: Path, monkeypatch) -> str:
+    folder = tmp_path / "inputs" / "arch"
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text('{"model_type": "no-such-architecture"}')
+    return str(folder)
+
+
 def _offline(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
@@ -144,6 +172,12 @@ CLI_CASES = [
     ("remote-true-no-key", ["--text", "hi", "--remote", "true"], "NDIF_API_KEY", _no_key),
     ("remote-bad-value", ["--text", "hi", "--remote", "maybe"], "invalid choice", None),
     ("unreadable-file", ["--file", "/nonexistent/prompt.txt"], "cannot read", None),
+    ("binary-file", ["--file", "{path}"], "is not UTF-8 text", _binary_file),
+    ("latin1-file", ["--file", "{path}"], "is not UTF-8 text (byte 0xE0 at offset 4", _latin1_file),
+    ("directory-as-file", ["--file", "{path}"], "is a directory", _directory),
+    ("unknown-architecture", ["--model", "{path}", "--text", "hi"], "no-such-architecture", _unknown_architecture),
+    ("min-queries-negative", ["--text", "hi", "--min-queries", "-1"], "whole number >= 0", None),
+    ("min-queries-not-a-number", ["--text", "hi", "--min-queries", "ten"], "whole number >= 0", None),
     ("bad-format", ["--text", "hi", "--format", "xml"], "invalid choice", None),
 ]
 
