@@ -15,6 +15,7 @@ from catchtag.sinks import (
     caught_by,
     census,
     eps_sweep,
+    groups_from_spans,
     min_queries_sweep,
     check_eps,
     head_table,
@@ -281,3 +282,21 @@ def test_hand_built_stats_from_alpha_alone_are_used_as_given():
     assert sink_table([st], 0.2)["n_queries"].tolist() == [3, 2]
     with pytest.raises(CatchtagError, match="cut-off cannot be changed"):
         st.sinks(0.2, min_queries=3)
+
+
+def test_teaser_spans_include_the_separator():
+    """Issue 12 item 6: the first token of sentences 2 and 3 (' I') belongs to its sentence."""
+    from catchtag.prompts import EMOTION_SENTENCES, emotion_prompt
+
+    text, spans = emotion_prompt()
+    assert spans[0][0] == 0 and spans[-1][1] == len(text)
+    assert all(a[1] == b[0] for a, b in zip(spans, spans[1:]))  # they tile the text
+    assert [text[a:b] for a, b in spans] == [EMOTION_SENTENCES[0], " " + EMOTION_SENTENCES[1], " " + EMOTION_SENTENCES[2]]
+    # SmolLM2-style tokens (no BOS): ' I' opens sentences 2 and 3.
+    tokens = ["I", " am", " so", " happy", " today", ".", " I", " feel", " terribly", " sad", " and", " alone", ".",
+              " I", " am", " furious", " about", " what", " they", " did", "."]
+    assert "".join(tokens) == text
+    groups = groups_from_spans(tokens, text, spans)
+    assert groups == [list(range(0, 6)), list(range(6, 13)), list(range(13, 21))]
+    # Gemma-style: an added <bos> belongs to no sentence.
+    assert groups_from_spans(["<bos>"] + tokens, text, spans)[1][0] == 7
