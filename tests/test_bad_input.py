@@ -402,3 +402,23 @@ def test_book_build_reports_a_failing_cell_in_one_line(tmp_path, monkeypatch, ca
     left = [p for p in files_under(build / "executed")]
     assert left in ([], [".partial"]), left
     assert not (tmp_path / "results").exists()
+
+
+def test_read_text_utf8_or_one_line(tmp_path):
+    from catchtag.textio import read_text
+
+    good = tmp_path / "good.txt"
+    good.write_bytes("\ufeffVoilà 猫.\r\n".encode("utf-8"))
+    assert read_text(good) == "Voilà 猫.\r\n"  # BOM dropped, line endings kept
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes("café".encode("latin-1"))
+    with pytest.raises(CatchtagError) as err:
+        read_text(bad, "prompt file")
+    msg = str(err.value)
+    assert "\n" not in msg and str(bad) in msg and "UTF-8" in msg and "0xE9 at offset 3" in msg
+    nul = tmp_path / "nul.txt"
+    nul.write_bytes(b"ab\x00cd")
+    with pytest.raises(CatchtagError, match="NUL"):
+        read_text(nul)
+    with pytest.raises(CatchtagError, match="cannot read"):
+        read_text(tmp_path / "missing.txt")

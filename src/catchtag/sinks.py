@@ -227,6 +227,9 @@ def stats_streaming(ai: AttnInputs, min_queries: int = MIN_QUERIES, chunk: int =
     causal mask, keys up to the block's last query): the others have probability exactly 0 and add
     nothing. Probabilities stay float32, as the model computes them; column and row sums are taken
     in float32 within a block (at most `chunk` terms) and accumulated over blocks in float64.
+    Alpha divides by the visible queries of each key (`visible_queries(T, ai.sliding_window,
+    ai.mask)`), so it is the mean over the queries that can see the key in windowed layers too.
+    The key's own entry A_kk is included in alpha and kept in `self_attn`.
     """
     T = ai.n_tokens
     H = ai.q.shape[0]
