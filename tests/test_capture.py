@@ -123,3 +123,23 @@ def test_bos_in_the_text_is_kept_once(gemma, smollm):
     bos = smollm.tokenizer.bos_token
     assert tokenize(smollm, bos + "Hi").tolist()[0] == smollm.tokenizer.bos_token_id
     assert len(tokenize(smollm, bos + "Hi")) == 1 + len(tokenize(smollm, "Hi"))
+
+
+def test_no_sink_from_fewer_later_queries_than_the_rule_on_a_long_prompt(smollm):
+    """Issue 13 item 1: on a prompt of about 150 tokens (the paper's length) every reported sink is
+    seen by at least MIN_QUERIES = 10 later queries; without the rule the end of the prompt would
+    report sinks from a handful of rows."""
+    from catchtag.prompts import natural_prompts
+    from catchtag.sinks import MIN_QUERIES, census, sink_stats, sink_table
+
+    text = " ".join(natural_prompts(8, seed=0))
+    cap = capture(smollm, text, resid=False, progress=False)[0]
+    assert cap.n_tokens >= 150
+    st = sink_stats(cap)
+    table = sink_table([st], 0.2)
+    assert len(table) > 0
+    assert (table["n_queries"] - 1 >= MIN_QUERIES).all()
+    assert (table["from_end"] >= MIN_QUERIES).all()
+    loose = sink_table([st], 0.2, min_queries=0)
+    assert (loose["from_end"] < MIN_QUERIES).any()  # what the rule removes is there to remove
+    assert census([st], 0.2)["other_per_head"] <= census([st], 0.2, min_queries=0)["other_per_head"]
