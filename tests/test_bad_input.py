@@ -112,6 +112,34 @@ def _encoder(tmp_path: Path, monkeypatch) -> str:
     return str(tmp_path / "inputs" / "bert")
 
 
+def _binary_file(tmp_path: Path, monkeypatch) -> str:
+    # The issue's `head -c 3000 /dev/urandom > bin.dat`, with a fixed seed.
+    import random
+
+    data = bytes(random.Random(0).randrange(256) for _ in range(3000))
+    (tmp_path / "inputs").mkdir(exist_ok=True)
+    (tmp_path / "inputs" / "bin.dat").write_bytes(data)
+    return str(tmp_path / "inputs" / "bin.dat")
+
+
+def _latin1_file(tmp_path: Path, monkeypatch) -> str:
+    (tmp_path / "inputs").mkdir(exist_ok=True)
+    (tmp_path / "inputs" / "latin1.txt").write_bytes("Voilà le café.".encode("latin-1"))
+    return str(tmp_path / "inputs" / "latin1.txt")
+
+
+def _directory(tmp_path: Path, monkeypatch) -> str:
+    (tmp_path / "inputs").mkdir(exist_ok=True)
+    return str(tmp_path / "inputs")
+
+
+def _unknown_architecture(tmp_path: Path, monkeypatch) -> str:
+    folder = tmp_path / "inputs" / "arch"
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text('{"model_type": "no-such-architecture"}')
+    return str(folder)
+
+
 def _offline(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
@@ -144,6 +172,12 @@ CLI_CASES = [
     ("remote-true-no-key", ["--text", "hi", "--remote", "true"], "NDIF_API_KEY", _no_key),
     ("remote-bad-value", ["--text", "hi", "--remote", "maybe"], "invalid choice", None),
     ("unreadable-file", ["--file", "/nonexistent/prompt.txt"], "cannot read", None),
+    ("binary-file", ["--file", "{path}"], "is not UTF-8 text", _binary_file),
+    ("latin1-file", ["--file", "{path}"], "is not UTF-8 text (byte 0xE0 at offset 4", _latin1_file),
+    ("directory-as-file", ["--file", "{path}"], "is a directory", _directory),
+    ("unknown-architecture", ["--model", "{path}", "--text", "hi"], "no-such-architecture", _unknown_architecture),
+    ("min-queries-negative", ["--text", "hi", "--min-queries", "-1"], "whole number >= 0", None),
+    ("min-queries-not-a-number", ["--text", "hi", "--min-queries", "ten"], "whole number >= 0", None),
     ("bad-format", ["--text", "hi", "--format", "xml"], "invalid choice", None),
 ]
 
@@ -368,3 +402,23 @@ def test_book_build_reports_a_failing_cell_in_one_line(tmp_path, monkeypatch, ca
     left = [p for p in files_under(build / "executed")]
     assert left in ([], [".partial"]), left
     assert not (tmp_path / "results").exists()
+
+
+def test_read_text_utf8_or_one_line(tmp_path):
+    from catchtag.textio import read_text
+
+    good = tmp_path / "good.txt"
+    good.write_bytes("\ufeffVoilà 猫.\r\n".encode("utf-8"))
+    assert read_text(good) == "Voilà 猫.\r\n"  # BOM dropped, line endings kept
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes("café".encode("latin-1"))
+    with pytest.raises(CatchtagError) as err:
+        read_text(bad, "prompt file")
+    msg = str(err.value)
+    assert "\n" not in msg and str(bad) in msg and "UTF-8" in msg and "0xE9 at offset 3" in msg
+    nul = tmp_path / "nul.txt"
+    nul.write_bytes(b"ab\x00cd")
+    with pytest.raises(CatchtagError, match="NUL"):
+        read_text(nul)
+    with pytest.raises(CatchtagError, match="cannot read"):
+        read_text(tmp_path / "missing.txt")

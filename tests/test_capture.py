@@ -75,3 +75,71 @@ def test_bad_capture_input(smollm):
         capture(smollm, TEXT, layers=[99])
     with pytest.raises(CatchtagError, match="context"):
         capture(smollm, "word " * 9000)
+
+
+VOILA = "Voilà 猫. The dog ran."
+
+
+def test_split_character_alignment_on_smollm(smollm):
+    """Issue 12 item 5: '猫' is three byte tokens on SmolLM2; the second sentence keeps its tokens."""
+    from catchtag.sinks import groups_from_spans, token_spans
+
+    cap = capture(smollm, VOILA, layers=[0], resid=False, progress=False)[0]
+    assert cap.tokens == ["V", "oil", "à", " <0xE7>", "<0x8C>", "<0xAB>", ".", " The", " dog", " ran", "."]
+    assert cap.offsets == [(0, 1), (1, 4), (4, 5), (5, 7), (6, 7), (6, 7), (7, 8), (8, 12), (12, 16), (16, 20), (20, 21)]
+    expected = [[0, 1, 2, 3, 4, 5, 6], [7, 8, 9, 10]]
+    spans = [(0, 8), (9, 21)]
+    assert groups_from_spans(cap, VOILA, spans) == expected  # by the tokenizer's offsets
+    assert groups_from_spans(cap.tokens, VOILA, spans) == expected  # by matching the strings
+    assert groups_from_spans(cap.tokens, VOILA, [(0, 8), (8, 21)]) == expected  # span with the space
+    # The one-at-a-time decoded strings the issue saw (' \ufffd', '\ufffd', '\ufffd') align too.
+    decoded = [smollm.tokenizer.decode([int(i)]) for i in cap.input_ids]
+    assert decoded[3:6] == [" \ufffd", "\ufffd", "\ufffd"]
+    assert groups_from_spans(decoded, VOILA, spans) == expected
+    assert token_spans(decoded, VOILA)[3:7] == [(5, 7), (5, 7), (5, 7), (7, 8)]
+    # The sink statistics carry the offsets along.
+    from catchtag.sinks import sink_stats
+
+    assert sink_stats(cap).offsets == cap.offsets
+
+
+def test_gemma_offsets_and_bos(gemma):
+    cap = capture(gemma, VOILA, layers=[0], resid=False, progress=False)[0]
+    assert cap.tokens[:3] == ["<bos>", "Voilà", " 猫"]
+    assert cap.offsets[0] == (0, 0)  # the added <bos> is not in the text
+    from catchtag.sinks import groups_from_spans
+
+    assert groups_from_spans(cap, VOILA, [(0, 8), (9, 21)]) == [[1, 2, 3], [4, 5, 6, 7]]
+
+
+def test_bos_in_the_text_is_kept_once(gemma, smollm):
+    """Issue 12 item 4, library side: a text that starts with the BOS string gets no second BOS."""
+    ids = tokenize(gemma, "<bos>The cat sat. The dog ran.")
+    assert ids.tolist() == tokenize(gemma, "The cat sat. The dog ran.").tolist()
+    assert (ids == gemma.tokenizer.bos_token_id).sum() == 1
+    # Two BOS strings written by the user are the user's: one is dropped (the added one), one kept.
+    assert (tokenize(gemma, "<bos><bos>Hi") == gemma.tokenizer.bos_token_id).sum() == 2
+    # SmolLM2 adds no BOS: its BOS string in the text is left alone.
+    bos = smollm.tokenizer.bos_token
+    assert tokenize(smollm, bos + "Hi").tolist()[0] == smollm.tokenizer.bos_token_id
+    assert len(tokenize(smollm, bos + "Hi")) == 1 + len(tokenize(smollm, "Hi"))
+
+
+def test_no_sink_from_fewer_later_queries_than_the_rule_on_a_long_prompt(smollm):
+    """Issue 13 item 1: on a prompt of about 150 tokens (the paper's length) every reported sink is
+    seen by at least MIN_QUERIES = 10 later queries; without the rule the end of the prompt would
+    report sinks from a handful of rows."""
+    from catchtag.prompts import natural_prompts
+    from catchtag.sinks import MIN_QUERIES, census, sink_stats, sink_table
+
+    text = " ".join(natural_prompts(8, seed=0))
+    cap = capture(smollm, text, resid=False, progress=False)[0]
+    assert cap.n_tokens >= 150
+    st = sink_stats(cap)
+    table = sink_table([st], 0.2)
+    assert len(table) > 0
+    assert (table["n_queries"] - 1 >= MIN_QUERIES).all()
+    assert (table["from_end"] >= MIN_QUERIES).all()
+    loose = sink_table([st], 0.2, min_queries=0)
+    assert (loose["from_end"] < MIN_QUERIES).any()  # what the rule removes is there to remove
+    assert census([st], 0.2)["other_per_head"] <= census([st], 0.2, min_queries=0)["other_per_head"]

@@ -96,3 +96,30 @@ def test_cache_is_written_then_corrupt_entry_rebuilt(monkeypatch, tmp_path):
     # A half-written entry (no manifest) is never used.
     (entry / "catchtag-manifest.json").unlink()
     assert not cache_entry_valid(entry)
+
+
+def test_attention_implementation_choice():
+    from transformers import Gemma2Config, GptOssConfig, LlamaConfig
+
+    from catchtag.models import choose_attn_implementation
+
+    assert choose_attn_implementation(LlamaConfig()) == "sdpa"
+    assert choose_attn_implementation(Gemma2Config()) == "eager"  # attention softcap: no sdpa
+    assert choose_attn_implementation(GptOssConfig()) == "eager"  # learned sink logits: no sdpa
+    assert choose_attn_implementation(LlamaConfig(), "eager") == "eager"
+    with pytest.raises(CatchtagError, match="does not support sdpa"):
+        choose_attn_implementation(Gemma2Config(), "sdpa")
+    with pytest.raises(CatchtagError, match="not supported"):
+        load_model("smollm2-135m", attn_implementation="flash")
+
+
+def test_split_character_display(smollm):
+    from catchtag.models import _render_bytes
+
+    assert _render_bytes(" 猫".encode()) == " 猫"
+    assert _render_bytes(" 猫".encode()[:2]) == " <0xE7>"
+    assert _render_bytes(b"\x8c\xab.") == "<0x8C><0xAB>."
+    ids = smollm.tokenize("猫 and 🙂")
+    shown = smollm.token_strings(ids)
+    assert not any("\ufffd" in t for t in shown)
+    assert len(set(shown)) == len(shown)

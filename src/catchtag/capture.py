@@ -61,6 +61,9 @@ class Capture:
     attn_inputs: dict[int, AttnInputs]
     resid_post: torch.Tensor | None  # (n_layers, T, d_model) or None
     logits: torch.Tensor | None = None  # (T, vocab) or None
+    # (T,) character span (start, stop) of each token in `text`, from the tokenizer's offsets
+    # (`Model.encode`); None for slow tokenizers. Use these, not `tokens`, to align with the text.
+    offsets: list[tuple[int, int]] | None = None
 
     @property
     def n_tokens(self) -> int:
@@ -84,7 +87,10 @@ def attention_op_name(model: Model) -> str:
 
 
 def tokenize(model: Model, text: str) -> torch.Tensor:
-    """Token ids of `text` as the model's tokenizer gives them (Gemma adds <bos>, SmolLM2 does not)."""
+    """Token ids of `text` as the model's tokenizer gives them (Gemma adds <bos>, SmolLM2 does not).
+
+    A text that already starts with the model's BOS string ("<bos>..." for Gemma) keeps that one
+    BOS: the tokenizer's own is not added a second time (`Model.encode`)."""
     if not isinstance(text, str) or not text.strip():
         raise CatchtagError("the text is empty: pass at least one word")
     ids = torch.tensor(model.tokenize(text), dtype=torch.long)
@@ -132,6 +138,8 @@ def capture(
     for text in bar:
         ids = tokenize(model, text)
         out.append(_capture_one(model, text, ids, layers, resid, logits, kwargs, op))
+        offsets = model.encode(text)[1]
+        out[-1].offsets = offsets if offsets is not None and len(offsets) == len(ids) else None
     return out
 
 

@@ -31,9 +31,15 @@ def _eps(text: str) -> float:
         raise argparse.ArgumentTypeError(f"{text!r} is not a threshold in (0, 1): use e.g. 0.2") from None
 
 
-def sinks_json(model, cap, stats, eps: float) -> dict:
-    """The `sinks` command's result: {model, eps, tokens, heads: [{layer, head, sinks: [...]}]}."""
-    sinks = stats.sinks(eps)
+def sinks_json(model, cap, stats, eps: float, min_queries: int | None = None) -> dict:
+    """The `sinks` command's result: {model, eps, min_queries, tokens, min_row_sum,
+    heads: [{layer, head, min_row_sum, sinks: [{position, token, received, n_queries}]}]}.
+
+    `min_row_sum` is the smallest attention row sum: 1 up to rounding, below 1 for models with
+    learned sink logits (gpt-oss), whose rows are reported as the model computes them."""
+    mq = stats.min_queries if min_queries is None else min_queries
+    sinks = stats.sinks(eps, mq)
+    alpha = stats.alpha if stats.alpha is not None else stats.received
     heads = []
     for li, layer in enumerate(stats.layers):
         for h in range(sinks.shape[1]):
@@ -42,17 +48,23 @@ def sinks_json(model, cap, stats, eps: float) -> dict:
                 {
                     "layer": layer,
                     "head": h,
+                    "min_row_sum": round(float(stats.row_sum[li, h].min()), 6),
                     "sinks": [
-                        {"position": k, "token": cap.tokens[k], "received": round(float(stats.received[li, h, k]), 6)}
+                        {"position": k, "token": cap.tokens[k], "received": round(float(alpha[li, h, k]), 6),
+                         "n_queries": int(stats.n_queries[li, k])}
                         for k in positions
                     ],
                 }
             )
-    return {"model": model.name, "eps": eps, "tokens": cap.tokens, "heads": heads}
+    return {
+        "model": model.name, "eps": eps, "min_queries": mq, "tokens": cap.tokens,
+        "min_row_sum": round(float(stats.row_sum.min()), 6), "heads": heads,
+    }
 
 
 def _format_table(result: dict) -> str:
-    lines = [f"model {result['model']}  eps {result['eps']}  tokens {len(result['tokens'])}"]
+    lines = [f"model {result['model']}  eps {result['eps']}  min_queries {result['min_queries']}  "
+             f"tokens {len(result['tokens'])}"]
     lines.append(f"{'layer':>5} {'head':>4}  sinks (position 'token' received)")
     for head in result["heads"]:
         if not head["sinks"]:
@@ -61,6 +73,9 @@ def _format_table(result: dict) -> str:
         lines.append(f"{head['layer']:>5} {head['head']:>4}  {cells}")
     n = sum(len(h["sinks"]) for h in result["heads"])
     lines.append(f"{n} sinks over {len(result['heads'])} heads ({n / max(len(result['heads']), 1):.3f} per head)")
+    if result["min_row_sum"] < 1 - 1e-4:
+        lines.append(f"attention rows sum to as little as {result['min_row_sum']:.3f} (learned sink logits: "
+                     "the rest goes to the model's sink, not to any token)")
     return "\n".join(lines)
 
 
@@ -69,13 +84,11 @@ def cmd_sinks(args) -> int:
     from .models import load_model
     from .sinks import sink_stats
 
+    from .textio import read_text
+
     text = args.text
     if text is None and args.file:
-        try:
-            with open(args.file, encoding="utf-8") as fh:
-                text = fh.read()
-        except OSError as exc:
-            raise CatchtagError(f"cannot read --file {args.file!r}: {exc.strerror}") from None
+        text = read_text(args.file, "--file")
     if text is None or not text.strip():
         raise CatchtagError("the text is empty: pass --text 'some words' or --file PATH")
     model = load_model(args.model, remote=args.remote, trust_remote_code=args.trust_remote_code)
@@ -84,11 +97,21 @@ def cmd_sinks(args) -> int:
         model.check_layer_head(args.layer)
         layers = [args.layer]
     cap = capture(model, text, layers=layers, resid=False, remote=args.remote, progress=False)[0]
-    stats = sink_stats(cap)
+    stats = sink_stats(cap, min_queries=args.min_queries)
     result = sinks_json(model, cap, stats, args.eps)
     out = json.dumps(result, ensure_ascii=False, indent=1) if args.format == "json" else _format_table(result)
     print(out)
     return 0
+
+
+def _min_queries(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a query count: use a whole number >= 0, e.g. 10")
+    return value
 
 
 def _seq_len(text: str) -> int:
@@ -116,6 +139,7 @@ def _remote(text: str):
 
 def build_parser() -> argparse.ArgumentParser:
     from .models import DEFAULT_MODEL, REGISTRY
+    from .sinks import MIN_QUERIES
 
     parser = _Parser(prog="python -m catchtag", description="Attention sinks: catch, tag, release (arXiv 2502.00919).")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
@@ -123,8 +147,11 @@ def build_parser() -> argparse.ArgumentParser:
         "sinks",
         help="list the attention sinks of every head for a text",
         description="List the attention sinks of every head: keys whose received attention (mean "
-        "attention from the queries that can see them) exceeds eps. Keys seen by fewer than 5 "
-        "queries are never sinks.",
+        "attention from the queries that can see them, itself included; in a sliding-window layer "
+        "at most the window's queries) exceeds eps. A key seen by fewer than --min-queries later "
+        f"queries (default {MIN_QUERIES}) is never a sink. A text that starts with the model's BOS "
+        "string keeps that one BOS (none is added). Models without sdpa attention (Gemma-2, "
+        "gpt-oss) load with eager attention.",
     )
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help=f"registry name ({', '.join(REGISTRY)}) or a Hugging Face id (default {DEFAULT_MODEL})")
@@ -132,6 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--file", help="read the prompt from this file instead of --text")
     p.add_argument("--eps", type=_eps, default=0.2, help="sink threshold in (0, 1) (default 0.2, the paper's)")
     p.add_argument("--layer", type=int, help="only this layer")
+    p.add_argument("--min-queries", type=_min_queries, default=MIN_QUERIES,
+                   help=f"later queries that must see a key for it to be scored (default {MIN_QUERIES})")
     p.add_argument("--format", choices=("json", "table"), default="json", help="output format (default json)")
     p.add_argument("--remote", type=_remote, default=False, choices=(False, True, "local"),
                    help="false (here), true (NDIF; key from NDIF_API_KEY), local (dry run of the remote path)")

@@ -14,6 +14,7 @@ sizes and hashes; an entry whose manifest is missing or does not match is rebuil
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import importlib.util
 import json
@@ -147,12 +148,42 @@ class Model:
     def config(self):
         return self.hf.config
 
+    def encode(self, text: str) -> tuple[list[int], list[tuple[int, int]] | None]:
+        """(token ids, character span of each token in `text`) as the model's tokenizer gives them.
+
+        The spans are the tokenizer's own offsets (`return_offsets_mapping`, fast tokenizers; None
+        for slow ones); a token it adds (Gemma's <bos>) has the empty span (0, 0), and the bytes of
+        one character split over several tokens all span that character.
+
+        BOS is never doubled: when the tokenizer adds its BOS token and the text already starts
+        with the BOS string (e.g. "<bos>The cat" for Gemma), the added one is dropped, so the text's
+        own BOS is the first token, once."""
+        tok = self.tokenizer
+        fast = bool(getattr(tok, "is_fast", False))
+        enc = tok(text, return_offsets_mapping=True) if fast else tok(text)
+        ids = [int(i) for i in enc.input_ids]
+        offsets = [(int(a), int(b)) for a, b in enc.offset_mapping] if fast else None
+        bos, bos_id = getattr(tok, "bos_token", None), getattr(tok, "bos_token_id", None)
+        if bos and bos_id is not None and len(ids) >= 2 and ids[0] == ids[1] == bos_id and text.startswith(bos):
+            ids = ids[1:]
+            offsets = offsets[1:] if offsets is not None else None
+        return ids, offsets
+
     def tokenize(self, text: str) -> list[int]:
-        return list(self.tokenizer(text).input_ids)
+        """Token ids of `text` (`encode`: the model's BOS added where its tokenizer adds one, never
+        twice)."""
+        return self.encode(text)[0]
 
     def token_strings(self, ids) -> list[str]:
-        """One readable string per token id (decoded, so ' the' keeps its space, '\\n' its newline)."""
-        return [self.tokenizer.decode([int(i)]) for i in ids]
+        """One readable string per token id (decoded, so ' the' keeps its space, '\\n' its newline).
+
+        A token holding only part of a character's UTF-8 bytes (SmolLM2 splits '猫' into three
+        tokens) would decode to the replacement character '\\ufffd'; such a token is shown with
+        its bytes written '<0xE7>' ('<0xE7>', '<0x8C>', '<0xAB>' for '猫'; a leading space is kept),
+        the notation SentencePiece uses for its byte tokens, so every token stays distinct and
+        readable in tables, figures and the viewer. Use `Capture.offsets` (the tokenizer's character
+        spans), not these strings, to find a token in the text."""
+        return [token_display(self.tokenizer, int(i)) for i in ids]
 
     @property
     def max_length(self) -> int:
@@ -168,6 +199,66 @@ class Model:
             raise CatchtagError(
                 f"head {head} is out of range: {self.name} has heads 0..{self.n_heads - 1}"
             )
+
+
+@functools.lru_cache(maxsize=1)
+def _byte_decoder() -> dict[str, int]:
+    """The inverse of GPT-2's byte-level BPE alphabet (bytes_to_unicode): character -> byte."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(bs, cs)}
+
+
+def _render_bytes(data: bytes) -> str:
+    """UTF-8 text where the bytes decode, '<0xNN>' for each byte that does not."""
+    out, i = [], 0
+    while i < len(data):
+        for n in (4, 3, 2, 1):
+            try:
+                out.append(data[i : i + n].decode("utf-8"))
+                i += n
+                break
+            except UnicodeDecodeError:
+                continue
+        else:
+            out.append(f"<0x{data[i]:02X}>")
+            i += 1
+    return "".join(out)
+
+
+def token_bytes(tokenizer, token_id: int) -> bytes | None:
+    """The raw bytes of one token for byte-level BPE (GPT-2 alphabet) and SentencePiece byte-fallback
+    ('<0xNN>', '▁') vocabularies; None when the vocabulary is neither."""
+    piece = tokenizer.convert_ids_to_tokens(int(token_id))
+    if not isinstance(piece, str):
+        return None
+    if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+        try:
+            return bytes([int(piece[3:5], 16)])
+        except ValueError:
+            return None
+    dec = _byte_decoder()
+    if all(c in dec for c in piece):
+        return bytes(dec[c] for c in piece)
+    return None
+
+
+def token_display(tokenizer, token_id: int) -> str:
+    """A readable string for one token: its decoded text, or, for a token that is part of a
+    character's bytes, the decodable part as text and each leftover byte as '<0xNN>'."""
+    text = tokenizer.decode([int(token_id)])
+    if "\ufffd" not in text:
+        return text
+    raw = token_bytes(tokenizer, token_id)
+    if raw is None or not raw:
+        return text
+    return _render_bytes(raw)
 
 
 def _cache_root() -> Path:
@@ -238,19 +329,82 @@ def _quiet_transformers() -> None:
     hf_logging.disable_progress_bar()
 
 
+ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager")
+
+
+def _model_class(config):
+    """The transformers causal-LM class for a config, or None when transformers does not know it."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM._model_mapping[type(config)]
+    except (KeyError, ValueError, AttributeError):
+        return None
+
+
+def choose_attn_implementation(config, requested: str = "auto", name: str = "") -> str:
+    """The attention implementation to load a model with: "sdpa" where its architecture supports
+    it, else "eager" (Gemma-2: attention softcapping; gpt-oss: learned sink logits).
+
+    `requested` is "auto" (choose), "sdpa" or "eager". Asking for "sdpa" on an architecture without
+    it is a CatchtagError naming the one it supports. The capture recomputes the probabilities from
+    the attention call's inputs, so the numbers do not depend on this choice."""
+    if requested not in ATTN_IMPLEMENTATIONS:
+        raise CatchtagError(
+            f"attn_implementation={requested!r} is not supported: use one of {', '.join(ATTN_IMPLEMENTATIONS)}"
+        )
+    if requested == "eager":
+        return "eager"
+    cls = _model_class(config)
+    sdpa = True if cls is None else bool(getattr(cls, "_supports_sdpa", False))
+    if sdpa:
+        return "sdpa"
+    if requested == "sdpa":
+        raise CatchtagError(
+            f"model {name or type(config).__name__!r} ({cls.__name__}) does not support sdpa "
+            "attention: use attn_implementation='eager' (or 'auto')"
+        )
+    return "eager"
+
+
+def _is_sdpa_refusal(exc: BaseException) -> bool:
+    return "scaled_dot_product_attention" in str(exc) or "sdpa" in str(exc).lower()
+
+
+def _first_line(exc: BaseException, limit: int = 200) -> str:
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:limit]
+
+
 def _load_hf(source, dtype, attn_implementation, trust_remote_code, **kw):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     _quiet_transformers()
 
-    tok = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **kw)
-    model = AutoModelForCausalLM.from_pretrained(
-        source,
-        dtype=dtype,
-        attn_implementation=attn_implementation,
-        trust_remote_code=trust_remote_code,
-        **kw,
-    )
+    try:
+        tok = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **kw)
+    except (OSError, ValueError, TypeError) as exc:
+        raise CatchtagError(f"model {str(source)!r}: its tokenizer cannot be loaded ({_first_line(exc)})") from None
+    if attn_implementation == "auto":
+        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code, **kw)
+        attn_implementation = choose_attn_implementation(config, "auto", str(source))
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            source,
+            dtype=dtype,
+            attn_implementation=attn_implementation,
+            trust_remote_code=trust_remote_code,
+            **kw,
+        )
+    except OSError as exc:
+        raise CatchtagError(f"model {str(source)!r} cannot be loaded: {_first_line(exc)}") from None
+    except ValueError as exc:
+        if attn_implementation != "sdpa" or not _is_sdpa_refusal(exc):
+            raise CatchtagError(f"model {str(source)!r} cannot be loaded: {_first_line(exc)}") from None
+        # remote code that refuses sdpa without saying so in its class: eager
+        model = AutoModelForCausalLM.from_pretrained(
+            source, dtype=dtype, attn_implementation="eager", trust_remote_code=trust_remote_code, **kw
+        )
     return model, tok
 
 
@@ -260,7 +414,7 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 def load_offline_hf(
     name: str,
     dtype: str = "float32",
-    attn_implementation: str = "sdpa",
+    attn_implementation: str = "auto",
     use_cache: bool = True,
 ):
     """(transformers model, tokenizer, sha256) for a registry model, through the converted cache."""
@@ -291,7 +445,7 @@ def load_offline_hf(
 def load_model(
     name: str = DEFAULT_MODEL,
     dtype: str = "float32",
-    attn_implementation: str = "sdpa",
+    attn_implementation: str = "auto",
     remote: bool | str = False,
     trust_remote_code: bool = False,
     use_cache: bool = True,
@@ -300,14 +454,21 @@ def load_model(
 
     Registry names run offline on CPU. A Hugging Face id loads from the local hub cache (or the hub,
     where the machine can reach it); with `remote=True` nothing is loaded locally: nnsight builds
-    the model on the meta device and traces run on NDIF. `attn_implementation` is "sdpa" by default:
-    the capture recomputes attention probabilities from the attention call's inputs, so the
-    probabilities do not depend on it.
+    the model on the meta device and traces run on NDIF; a local folder (`save_pretrained` output with
+    its tokenizer) loads from that folder.
+
+    `attn_implementation` is "auto" by default: sdpa where the architecture supports it, else eager
+    (Gemma-2's softcapping and gpt-oss's sink logits have no sdpa path in transformers); "sdpa" or
+    "eager" force one (`choose_attn_implementation`). The capture recomputes attention
+    probabilities from the attention call's inputs, so the probabilities do not depend on it.
+    Anything transformers cannot load is a one-line CatchtagError.
     """
     from .remote import check_remote
 
     if dtype not in _DTYPES:
         raise CatchtagError(f"dtype {dtype!r} is not supported: use one of {', '.join(_DTYPES)}")
+    if attn_implementation not in ATTN_IMPLEMENTATIONS:
+        choose_attn_implementation(None, attn_implementation)  # raises the one-line error
     check_remote(remote)
     if not isinstance(name, str) or not name.strip():
         raise CatchtagError(_unknown_model_message(name))
@@ -358,6 +519,7 @@ def _load_hub(name, dtype, attn_implementation, remote, trust_remote_code) -> Mo
     except ValueError as exc:
         raise CatchtagError(f"model {name!r}: {str(exc).splitlines()[0][:200]}") from None
     _check_causal(name, config)
+    attn_implementation = choose_attn_implementation(config, attn_implementation, name)
     kwargs = dict(dtype=_DTYPES[dtype], attn_implementation=attn_implementation)
     if trust_remote_code:
         kwargs["trust_remote_code"] = True

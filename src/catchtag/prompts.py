@@ -58,13 +58,18 @@ def natural_prompts(n: int | None = None, seed: int = 0) -> list[str]:
 
 
 def emotion_prompt(separator: str = " ") -> tuple[str, list[tuple[int, int]]]:
-    """The teaser prompt and the character span of each sentence in it."""
+    """The teaser prompt and the character span (start, stop) of each sentence in it.
+
+    Each sentence's span includes the separator before it, so the spans tile the text and a token
+    that starts with that separator (' I' in most tokenizers) belongs to the sentence it begins:
+    that first token is the one most likely to be the sentence's own sink."""
     text, spans = "", []
     for i, sentence in enumerate(EMOTION_SENTENCES):
+        start = len(text)
         if i:
             text += separator
-        spans.append((len(text), len(text) + len(sentence)))
         text += sentence
+        spans.append((start, len(text)))
     return text, spans
 
 

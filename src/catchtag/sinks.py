@@ -1,14 +1,25 @@
 """Attention sinks: received attention, sinks at a threshold, caught segments, and their census.
 
-Definitions (the book's, following ../shared/PAPER.md; (paper) marks the paper's own choices):
+Definitions (the book's, following ../shared/PAPER.md and `book/definitions.md`; (paper) marks the
+paper's own choices):
 
-- Received attention of key k in a head with attention matrix A (T x T, causal):
-  alpha_k = (1 / (T - k)) * sum_{i >= k} A_ik, the mean over the T - k queries that can see k
-  (Gu et al., ICLR 2025).
-- Cut-off (ours): a key seen by fewer than `MIN_QUERIES` = 5 queries (itself included) has no
-  alpha (NaN) and is never a sink, so the last four positions of a prompt are never sinks. A mean
-  over one to four rows says more about the last tokens' own attention than about a sink.
-- Sink: key k with alpha_k > eps. Default eps = 0.2 (paper, §K.2, which calls it not principled).
+- Visible queries of key k, n_k: the queries i >= k whose mask lets them attend to k, k itself
+  included. Under a plain causal mask n_k = T - k; in a sliding-window layer of window W,
+  n_k = min(T - k, W); with an explicit mask, the number of rows whose mask entry for k is finite.
+- Received attention of key k in a head with attention matrix A (T x T):
+  alpha_k = (1 / n_k) * sum_i A_ik, the mean over the queries that can see k (Gu et al., ICLR 2025,
+  who write 1 / (T - k) for full causal attention). The key's own query is part of the mean, as in
+  that definition; its term A_kk is kept apart (`self_attn`), so alpha without it is
+  (n_k * alpha_k - A_kk) / (n_k - 1).
+- Census rule (ours): a key is scored (can be a sink) only when at least `min_queries` *later*
+  queries see it, n_k - 1 >= min_queries; default `MIN_QUERIES` = 10. So the last `min_queries`
+  positions of a prompt are never sinks, nor is any key of a layer whose window W <= min_queries:
+  alpha there is a mean over a handful of rows and says more about the last tokens' own attention
+  than about a sink. The cut-off is applied when the census is
+  read (`SinkStats.sinks(eps, min_queries)`, `census(stats, eps, min_queries)`, ...), never baked
+  into the stored sums, so it can be swept.
+- Sink: a scored key k with alpha_k > eps. Default eps = 0.2 (paper, §K.2, which calls it not
+  principled).
 - Caught (ours): query i is caught by sink s when s is the largest entry of row i excluding i
   itself, and A_is >= eps. A sink's segment is the set of queries it catches.
 - Token kinds: "first" (position 0, whatever the token), "newline" (the token contains a line
@@ -39,7 +50,7 @@ from .capture import AttnInputs, Capture, attention_probs
 from .errors import CatchtagError
 
 DEFAULT_EPS = 0.2  # (paper) §K.2
-MIN_QUERIES = 5  # (ours) keys seen by fewer queries have no alpha and are never sinks
+MIN_QUERIES = 10  # (ours) a key needs at least this many later queries that see it to be scored
 KINDS = ("first", "punctuation", "newline", "other")
 
 
@@ -61,14 +72,54 @@ def token_kind(token: str, position: int) -> str:
     return "other"
 
 
+def check_min_queries(min_queries) -> int:
+    if isinstance(min_queries, bool) or not isinstance(min_queries, int) or min_queries < 0:
+        raise CatchtagError(
+            f"min_queries={min_queries!r} is not valid: use a whole number >= 0 (later queries that "
+            f"must see a key for it to be scored; default {MIN_QUERIES})"
+        )
+    return min_queries
+
+
+def scored_mask(n_queries: torch.Tensor, min_queries: int) -> torch.Tensor:
+    """Bool, same shape as `n_queries`: the key is scored (n_k - 1 >= min_queries later queries)."""
+    return n_queries - 1 >= check_min_queries(min_queries)
+
+
+def visible_queries(T: int, window: int | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """(T,) float64: n_k, the number of queries that can see key k, k itself included.
+
+    `mask`: a (T, T) additive mask (finite = may attend) or bool mask (True = may attend); it wins
+    over `window`. Without one: T - k under a causal mask, min(T - k, window) with a window."""
+    if mask is not None:
+        m = torch.as_tensor(mask)
+        seen = m if m.dtype == torch.bool else torch.isfinite(m)
+        if seen.shape != (T, T):
+            raise CatchtagError(f"the mask must be ({T}, {T}), got shape {tuple(seen.shape)}")
+        return seen.sum(dim=0).to(torch.float64)
+    n = torch.arange(T, 0, -1, dtype=torch.float64)
+    if window:
+        if isinstance(window, bool) or int(window) < 1:
+            raise CatchtagError(f"window={window!r} is not valid: use a whole number >= 1 or None")
+        n = n.clamp_max(float(window))
+    return n
+
+
 @dataclasses.dataclass
 class HeadStats:
-    """Per-head statistics of one layer for one prompt; every tensor is (H, T)."""
+    """Per-head statistics of one layer for one prompt; every tensor is (H, T) unless noted.
 
-    received: torch.Tensor  # alpha_k, NaN where fewer than min_queries queries see k
+    `alpha` is the raw received attention of every key (col_sum / n_queries, no cut-off);
+    `received` is alpha with NaN where the key is not scored at `min_queries` (the census rule)."""
+
+    received: torch.Tensor  # alpha_k, NaN where fewer than min_queries later queries see k
     row_sum: torch.Tensor  # sum_j A_ij: 1, or less with learned sink logits
     top_key: torch.Tensor  # argmax_{j != i} A_ij, -1 for the first query (it sees only itself)
     top_value: torch.Tensor  # A_i,top_key (0 for the first query)
+    alpha: torch.Tensor | None = None  # raw alpha_k, no cut-off
+    n_queries: torch.Tensor | None = None  # (T,) queries that see k, k included
+    self_attn: torch.Tensor | None = None  # A_kk, the key's own query's share
+    min_queries: int | None = None
 
 
 def _row_tops(A: torch.Tensor, offset: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -84,23 +135,40 @@ def _row_tops(A: torch.Tensor, offset: int) -> tuple[torch.Tensor, torch.Tensor]
     return key, value.clamp_min(0.0)
 
 
-def _finish(col_sum: torch.Tensor, row_sum, top_key, top_value, min_queries: int) -> HeadStats:
+def _finish(col_sum: torch.Tensor, row_sum, top_key, top_value, min_queries: int,
+            n_queries: torch.Tensor | None = None, self_attn: torch.Tensor | None = None) -> HeadStats:
+    """HeadStats from column sums (H, T) and the visible-query counts n_queries (T,) (default:
+    T - k, plain causal attention; pass `visible_queries(T, window, mask)` for any other mask)."""
     T = col_sum.shape[-1]
-    n_queries = torch.arange(T, 0, -1, dtype=col_sum.dtype)  # key k is seen by T - k queries
-    received = col_sum / n_queries
-    received[:, n_queries < min_queries] = float("nan")
-    return HeadStats(received=received, row_sum=row_sum, top_key=top_key, top_value=top_value)
+    if n_queries is None:
+        n_queries = visible_queries(T)
+    n_queries = n_queries.to(torch.float64)
+    alpha = col_sum.to(torch.float64) / n_queries.clamp_min(1.0)
+    alpha = torch.where(n_queries > 0, alpha, torch.full_like(alpha, float("nan")))
+    received = alpha.clone()
+    received[..., ~scored_mask(n_queries, min_queries)] = float("nan")
+    return HeadStats(received=received, row_sum=row_sum, top_key=top_key, top_value=top_value,
+                     alpha=alpha, n_queries=n_queries, self_attn=self_attn, min_queries=min_queries)
 
 
-def stats_from_probs(A: torch.Tensor, min_queries: int = MIN_QUERIES) -> HeadStats:
-    """HeadStats from a full attention tensor A of shape (H, T, T) (or (T, T) for one head)."""
+def stats_from_probs(A: torch.Tensor, min_queries: int = MIN_QUERIES, window: int | None = None,
+                     mask: torch.Tensor | None = None) -> HeadStats:
+    """HeadStats from a full attention tensor A of shape (H, T, T) (or (T, T) for one head).
+
+    The visible queries of each key come from `mask` ((T, T), additive or bool) when given, else
+    from `window` (a sliding window of that many keys, the query included), else plain causal:
+    pass the mask or window the model used, or alpha in windowed layers is understated."""
     A = torch.as_tensor(A, dtype=torch.float64)
     if A.dim() == 2:
         A = A[None]
     if A.dim() != 3 or A.shape[-1] != A.shape[-2]:
         raise CatchtagError(f"attention must be (heads, T, T) or (T, T), got shape {tuple(A.shape)}")
+    check_min_queries(min_queries)
+    T = A.shape[-1]
     key, value = _row_tops(A, 0)
-    return _finish(A.sum(dim=1), A.sum(dim=-1), key, value, min_queries)
+    self_attn = A.diagonal(dim1=-2, dim2=-1).clone()
+    return _finish(A.sum(dim=1), A.sum(dim=-1), key, value, min_queries,
+                   visible_queries(T, window, mask), self_attn)
 
 
 def _key_range(ai: AttnInputs, start: int, stop: int) -> tuple[int, int]:
@@ -159,6 +227,9 @@ def stats_streaming(ai: AttnInputs, min_queries: int = MIN_QUERIES, chunk: int =
     causal mask, keys up to the block's last query): the others have probability exactly 0 and add
     nothing. Probabilities stay float32, as the model computes them; column and row sums are taken
     in float32 within a block (at most `chunk` terms) and accumulated over blocks in float64.
+    Alpha divides by the visible queries of each key (`visible_queries(T, ai.sliding_window,
+    ai.mask)`), so it is the mean over the queries that can see the key in windowed layers too.
+    The key's own entry A_kk is included in alpha and kept in `self_attn`.
     """
     T = ai.n_tokens
     H = ai.q.shape[0]
@@ -166,6 +237,8 @@ def stats_streaming(ai: AttnInputs, min_queries: int = MIN_QUERIES, chunk: int =
     row_sum = torch.empty(H, T, dtype=torch.float64)
     top_key = torch.empty(H, T, dtype=torch.long)
     top_value = torch.empty(H, T, dtype=torch.float64)
+    self_attn = torch.empty(H, T, dtype=torch.float64)
+    check_min_queries(min_queries)
     upper = _upper_mask(min(chunk, T))
     with torch.no_grad():
         for start in range(0, T, chunk):
@@ -177,6 +250,8 @@ def stats_streaming(ai: AttnInputs, min_queries: int = MIN_QUERIES, chunk: int =
             # Row tops excluding the diagonal, in place (A is not needed after this).
             rows = torch.arange(start, stop)
             inside = (rows >= lo) & (rows < hi)
+            self_attn[:, start:stop] = 0.0
+            self_attn[:, rows[inside]] = A[:, torch.arange(stop - start)[inside], rows[inside] - lo].double()
             A[:, torch.arange(stop - start)[inside], rows[inside] - lo] = -1.0
             value, key = A.max(dim=-1)
             key += lo
@@ -187,18 +262,34 @@ def stats_streaming(ai: AttnInputs, min_queries: int = MIN_QUERIES, chunk: int =
             value[:, first] = 0.0
             top_key[:, start:stop] = key
             top_value[:, start:stop] = value.clamp_min(0.0)
-    return _finish(col_sum, row_sum, top_key, top_value, min_queries)
+    return _finish(col_sum, row_sum, top_key, top_value, min_queries,
+                   visible_queries(T, ai.sliding_window, ai.mask), self_attn)
 
 
-def sinks_mask(stats: HeadStats, eps: float = DEFAULT_EPS) -> torch.Tensor:
-    """(H, T) bool: key k is a sink of head h (alpha_k > eps; NaN alpha is never a sink)."""
+def _scored_alpha(stats: HeadStats, min_queries: int | None) -> torch.Tensor:
+    """(H, T) alpha with NaN where the key is not scored at `min_queries` (None: the stats' own)."""
+    if min_queries is None or stats.alpha is None or stats.n_queries is None:
+        if min_queries is not None and stats.alpha is None:
+            raise CatchtagError(
+                "these statistics were built from alpha alone (no n_queries): the cut-off cannot be "
+                "changed; rebuild them with sink_stats or stats_from_probs"
+            )
+        return stats.received
+    out = stats.alpha.clone()
+    out[..., ~scored_mask(stats.n_queries, min_queries)] = float("nan")
+    return out
+
+
+def sinks_mask(stats: HeadStats, eps: float = DEFAULT_EPS, min_queries: int | None = None) -> torch.Tensor:
+    """(H, T) bool: key k is a sink of head h: scored (at least `min_queries` later queries see it;
+    None: the stats' own cut-off) and alpha_k > eps."""
     eps = check_eps(eps)
-    return torch.nan_to_num(stats.received, nan=0.0) > eps
+    return torch.nan_to_num(_scored_alpha(stats, min_queries), nan=0.0) > eps
 
 
-def caught_by(stats: HeadStats, eps: float = DEFAULT_EPS) -> torch.Tensor:
+def caught_by(stats: HeadStats, eps: float = DEFAULT_EPS, min_queries: int | None = None) -> torch.Tensor:
     """(H, T) long: the sink that catches query i in head h, or -1 when no sink catches it."""
-    sinks = sinks_mask(stats, eps)
+    sinks = sinks_mask(stats, eps, min_queries)
     key = stats.top_key
     is_sink = torch.zeros_like(key, dtype=torch.bool)
     valid = key >= 0
@@ -213,7 +304,16 @@ def caught_by(stats: HeadStats, eps: float = DEFAULT_EPS) -> torch.Tensor:
 
 @dataclasses.dataclass
 class SinkStats:
-    """HeadStats for every captured layer of one prompt, stacked to (L, H, T), with the tokens."""
+    """HeadStats for every captured layer of one prompt, stacked to (L, H, T), with the tokens.
+
+    - `received`: alpha with NaN where the key is not scored at `min_queries` (the stats' default
+      cut-off, `MIN_QUERIES` from `sink_stats`);
+    - `alpha`: raw alpha of every key, no cut-off (L, H, T); `n_queries`: the visible queries of
+      each key, itself included (L, T); `self_attn`: A_kk (L, H, T). With these the census can be
+      read at any cut-off: `sinks(eps, min_queries)`, `caught(eps, min_queries)`.
+
+    Built by hand from `received` alone (alpha, n_queries None), the values are used as given and
+    `min_queries` (then None) cannot be changed at census time."""
 
     model: str
     text: str
@@ -223,83 +323,118 @@ class SinkStats:
     row_sum: torch.Tensor
     top_key: torch.Tensor
     top_value: torch.Tensor
-    min_queries: int = MIN_QUERIES
+    min_queries: int | None = None
+    alpha: torch.Tensor | None = None
+    n_queries: torch.Tensor | None = None
+    self_attn: torch.Tensor | None = None
+    offsets: list[tuple[int, int]] | None = None  # the tokens' character spans (Capture.offsets)
+
+    @classmethod
+    def from_heads(cls, model: str, text: str, tokens: list[str], layers: Sequence[int],
+                   per: Sequence[HeadStats], min_queries: int = MIN_QUERIES,
+                   offsets: list[tuple[int, int]] | None = None) -> "SinkStats":
+        """Stack one HeadStats per layer (from `stats_streaming`, `stats_from_probs`, `_finish`)."""
+        full = all(p.alpha is not None and p.n_queries is not None for p in per)
+        stack = lambda name: torch.stack([getattr(p, name) for p in per])  # noqa: E731
+        out = cls(
+            model=model, text=text, tokens=list(tokens), layers=list(layers),
+            received=stack("received"), row_sum=stack("row_sum"), top_key=stack("top_key"),
+            top_value=stack("top_value"), min_queries=min_queries,
+            alpha=stack("alpha") if full else None,
+            n_queries=stack("n_queries") if full else None,
+            self_attn=stack("self_attn") if all(p.self_attn is not None for p in per) else None,
+            offsets=offsets,
+        )
+        if full:
+            out.received = out.alpha_at(min_queries)
+        return out
 
     @property
     def kinds(self) -> list[str]:
         return [token_kind(t, i) for i, t in enumerate(self.tokens)]
 
+    @property
+    def from_end(self) -> torch.Tensor:
+        """(T,) long: T - 1 - position, how far each key sits from the prompt's last token."""
+        T = self.received.shape[-1]
+        return torch.arange(T - 1, -1, -1)
+
+    def alpha_at(self, min_queries: int | None = None) -> torch.Tensor:
+        """(L, H, T) alpha with NaN where the key is not scored at `min_queries` (None: the stats')."""
+        if min_queries is None:
+            return self.received
+        return torch.stack([_scored_alpha(self.layer(l), min_queries) for l in self.layers])
+
     def layer(self, layer: int) -> HeadStats:
         i = self.layers.index(layer)
-        return HeadStats(self.received[i], self.row_sum[i], self.top_key[i], self.top_value[i])
+        pick = lambda x: None if x is None else x[i]  # noqa: E731
+        return HeadStats(self.received[i], self.row_sum[i], self.top_key[i], self.top_value[i],
+                         pick(self.alpha), pick(self.n_queries), pick(self.self_attn), self.min_queries)
 
-    def sinks(self, eps: float = DEFAULT_EPS) -> torch.Tensor:
-        """(L, H, T) bool sink mask."""
-        return torch.stack([sinks_mask(self.layer(l), eps) for l in self.layers])
+    def sinks(self, eps: float = DEFAULT_EPS, min_queries: int | None = None) -> torch.Tensor:
+        """(L, H, T) bool sink mask at threshold eps and cut-off min_queries (None: the stats')."""
+        return torch.stack([sinks_mask(self.layer(l), eps, min_queries) for l in self.layers])
 
-    def caught(self, eps: float = DEFAULT_EPS) -> torch.Tensor:
+    def caught(self, eps: float = DEFAULT_EPS, min_queries: int | None = None) -> torch.Tensor:
         """(L, H, T) long: the sink catching each query, or -1."""
-        return torch.stack([caught_by(self.layer(l), eps) for l in self.layers])
+        return torch.stack([caught_by(self.layer(l), eps, min_queries) for l in self.layers])
 
 
 def sink_stats(cap: Capture, min_queries: int = MIN_QUERIES, chunk: int = 128) -> SinkStats:
-    """Streaming sink statistics of every captured layer of one prompt."""
+    """Streaming sink statistics of every captured layer of one prompt; `min_queries` is the
+    stats' default cut-off (`received`, and `sinks`/`caught`/census when they are not given one)."""
+    check_min_queries(min_queries)
     per = [stats_streaming(cap.attn_inputs[l], min_queries, chunk) for l in cap.layers]
-    return SinkStats(
-        model=cap.model,
-        text=cap.text,
-        tokens=cap.tokens,
-        layers=list(cap.layers),
-        received=torch.stack([p.received for p in per]),
-        row_sum=torch.stack([p.row_sum for p in per]),
-        top_key=torch.stack([p.top_key for p in per]),
-        top_value=torch.stack([p.top_value for p in per]),
-        min_queries=min_queries,
-    )
+    return SinkStats.from_heads(cap.model, cap.text, cap.tokens, cap.layers, per, min_queries,
+                                getattr(cap, "offsets", None))
 
 
 def sink_stats_naive(cap: Capture, min_queries: int = MIN_QUERIES) -> SinkStats:
     """Same as `sink_stats`, from each layer's full attention matrix (the reference path)."""
-    per = [stats_from_probs(attention_probs(cap.attn_inputs[l]), min_queries) for l in cap.layers]
-    return SinkStats(
-        cap.model, cap.text, cap.tokens, list(cap.layers),
-        torch.stack([p.received for p in per]), torch.stack([p.row_sum for p in per]),
-        torch.stack([p.top_key for p in per]), torch.stack([p.top_value for p in per]), min_queries,
-    )
+    per = []
+    for l in cap.layers:
+        ai = cap.attn_inputs[l]
+        per.append(stats_from_probs(attention_probs(ai), min_queries, ai.sliding_window, ai.mask))
+    return SinkStats.from_heads(cap.model, cap.text, cap.tokens, cap.layers, per, min_queries,
+                                getattr(cap, "offsets", None))
 
 
 # --------------------------------------------------------------------------------------------------
 # Census over prompts
 
 
-def sink_table(stats: Iterable[SinkStats], eps: float = DEFAULT_EPS) -> pd.DataFrame:
-    """One row per (prompt, layer, head, sink): position, token, kind, received (alpha), and the
-    number of queries it catches."""
+def sink_table(stats: Iterable[SinkStats], eps: float = DEFAULT_EPS, min_queries: int | None = None) -> pd.DataFrame:
+    """One row per (prompt, layer, head, sink): position, token, kind, received (alpha), the number
+    of queries it catches, `n_queries` (queries that see it, itself included) and `from_end`
+    (T - 1 - position). `min_queries`: the census cut-off (None: each stats' own)."""
     rows = []
     for p, st in enumerate(stats):
         kinds = st.kinds
-        sinks = st.sinks(eps)
-        caught = st.caught(eps)
+        sinks = st.sinks(eps, min_queries)
+        caught = st.caught(eps, min_queries)
+        alpha = st.received if st.alpha is None else st.alpha
+        T = len(st.tokens)
         for li, layer in enumerate(st.layers):
             for h, k in torch.nonzero(sinks[li]).tolist():
+                nq = int(st.n_queries[li, k]) if st.n_queries is not None else T - k
                 rows.append(
                     dict(
                         prompt=p, layer=layer, head=h, position=k, token=st.tokens[k],
-                        kind=kinds[k], received=float(st.received[li, h, k]),
-                        n_caught=int((caught[li, h] == k).sum()),
+                        kind=kinds[k], received=float(alpha[li, h, k]),
+                        n_caught=int((caught[li, h] == k).sum()), n_queries=nq, from_end=T - 1 - k,
                     )
                 )
-    cols = ["prompt", "layer", "head", "position", "token", "kind", "received", "n_caught"]
+    cols = ["prompt", "layer", "head", "position", "token", "kind", "received", "n_caught", "n_queries", "from_end"]
     return pd.DataFrame(rows, columns=cols)
 
 
-def head_table(stats: Sequence[SinkStats], eps: float = DEFAULT_EPS) -> pd.DataFrame:
+def head_table(stats: Sequence[SinkStats], eps: float = DEFAULT_EPS, min_queries: int | None = None) -> pd.DataFrame:
     """One row per (prompt, layer, head): number of sinks, first-token and other sinks, share of
     queries caught, and the smallest row sum (below 1 only with learned sink logits)."""
     rows = []
     for p, st in enumerate(stats):
-        sinks = st.sinks(eps)
-        caught = st.caught(eps)
+        sinks = st.sinks(eps, min_queries)
+        caught = st.caught(eps, min_queries)
         for li, layer in enumerate(st.layers):
             for h in range(sinks.shape[1]):
                 n = int(sinks[li, h].sum())
@@ -315,15 +450,17 @@ def head_table(stats: Sequence[SinkStats], eps: float = DEFAULT_EPS) -> pd.DataF
     return pd.DataFrame(rows)
 
 
-def average_sinks_per_head(stats: Sequence[SinkStats], eps: float = DEFAULT_EPS) -> float:
+def average_sinks_per_head(stats: Sequence[SinkStats], eps: float = DEFAULT_EPS,
+                           min_queries: int | None = None) -> float:
     """The paper's §5 statistic: sinks per head, averaged over heads, layers and prompts
     (`census(...)["sinks_per_head"]`)."""
-    return float(head_table(stats, eps)["n_sinks"].mean())
+    return float(head_table(stats, eps, min_queries)["n_sinks"].mean())
 
 
-def count_grid(stats: Sequence[SinkStats], eps: float = DEFAULT_EPS, column: str = "n_sinks") -> np.ndarray:
+def count_grid(stats: Sequence[SinkStats], eps: float = DEFAULT_EPS, column: str = "n_sinks",
+               min_queries: int | None = None) -> np.ndarray:
     """(layers, heads) mean over prompts of a head_table column, for layers x heads heatmaps."""
-    table = head_table(stats, eps)
+    table = head_table(stats, eps, min_queries)
     grid = table.groupby(["layer", "head"])[column].mean().unstack("head")
     return grid.to_numpy(dtype=float)
 
@@ -334,9 +471,11 @@ CENSUS_KEYS = (
 )
 
 
-def census(stats: Sequence[SinkStats], eps: float = DEFAULT_EPS) -> dict[str, float]:
+def census(stats: Sequence[SinkStats], eps: float = DEFAULT_EPS, min_queries: int | None = None) -> dict[str, float]:
     """The sink census of a set of prompts at threshold eps: one dict, the same keys everywhere
     (`CENSUS_KEYS`; the book, `eps_sweep`, qknorm and reasoning all read these names).
+    `min_queries`: the census rule's cut-off (a key is scored when at least that many later
+    queries see it); None: each stats' own (`MIN_QUERIES` = 10 from `sink_stats`).
 
     - `sinks_per_head`: sinks per head, averaged over (prompt, layer, head): the paper's §5 statistic;
     - `first_share`: share of (prompt, layer, head) with a first-token sink;
@@ -345,8 +484,8 @@ def census(stats: Sequence[SinkStats], eps: float = DEFAULT_EPS) -> dict[str, fl
       (NaN when there is none);
     - `min_row_sum`: the smallest attention row sum (below 1 only with learned sink logits).
     """
-    t = head_table(stats, eps)
-    s = sink_table(stats, eps)
+    t = head_table(stats, eps, min_queries)
+    s = sink_table(stats, eps, min_queries)
     other = s[s.kind != "first"]
     kinds = other.kind.value_counts(normalize=True) if len(other) else {}
     share = (lambda k: float(kinds.get(k, 0.0))) if len(other) else (lambda k: float("nan"))
@@ -362,40 +501,86 @@ def census(stats: Sequence[SinkStats], eps: float = DEFAULT_EPS) -> dict[str, fl
     )
 
 
-def eps_sweep(stats: Sequence[SinkStats], eps_values: Iterable[float]) -> pd.DataFrame:
-    """One row per eps: `eps` and the `census` at that threshold."""
-    return pd.DataFrame([dict(eps=float(eps), **census(stats, eps)) for eps in eps_values])
+def eps_sweep(stats: Sequence[SinkStats], eps_values: Iterable[float], min_queries: int | None = None) -> pd.DataFrame:
+    """One row per eps: `eps` and the `census` at that threshold (and cut-off `min_queries`)."""
+    return pd.DataFrame([dict(eps=float(eps), **census(stats, eps, min_queries)) for eps in eps_values])
+
+
+def min_queries_sweep(stats: Sequence[SinkStats], values: Iterable[int], eps: float = DEFAULT_EPS) -> pd.DataFrame:
+    """One row per cut-off: `min_queries` and the `census` at (eps, that cut-off): how the counts
+    (non-first sinks above all) move with the census rule."""
+    return pd.DataFrame([dict(min_queries=int(m), **census(stats, eps, int(m))) for m in values])
 
 
 # --------------------------------------------------------------------------------------------------
 # Which sink catches which sentence (the paper's teaser)
 
 
-def token_spans(tokens: Sequence[str], text: str) -> list[tuple[int, int]]:
-    """Character span of each token in `text`; tokens not in the text (<bos>) get an empty span."""
-    spans, cursor = [], 0
-    for tok in tokens:
+def _tokens_and_offsets(tokens, offsets):
+    """(token strings, offsets or None) from a list of strings or a Capture / SinkStats."""
+    if hasattr(tokens, "tokens"):
+        if offsets is None:
+            offsets = getattr(tokens, "offsets", None)
+        tokens = tokens.tokens
+    return list(tokens), offsets
+
+
+def token_spans(tokens, text: str, offsets=None) -> list[tuple[int, int]]:
+    """Character span (start, stop) of each token in `text`.
+
+    `tokens`: the token strings, or a Capture / SinkStats, whose `tokens` and `offsets` are used.
+    With `offsets` (the tokenizer's character offsets, `Capture.offsets`), those are the spans: the
+    bytes of a character split over several tokens all span that character, and a token the
+    tokenizer added (Gemma's <bos>) has an empty span. Without them the strings are matched against
+    the text in order; a token that does not match where the text continues (an added <bos>, a
+    byte piece shown as '<0xE7>') waits for the next token that matches a few characters further
+    on and is given the characters skipped in between (an empty span if none were)."""
+    tokens, offsets = _tokens_and_offsets(tokens, offsets)
+    if offsets is not None:
+        if len(offsets) != len(tokens):
+            raise CatchtagError(f"{len(offsets)} offsets for {len(tokens)} tokens: pass one per token")
+        return [(int(a), int(max(a, b))) for a, b in offsets]
+    spans: list[tuple[int, int] | None] = []
+    pending: list[int] = []
+    cursor = 0
+    for i, tok in enumerate(tokens):
         at = text.find(tok, cursor) if tok else -1
-        if tok and at == cursor:
+        if at == cursor or (at > cursor and pending and at - cursor <= 4 * len(pending)):
+            for j in pending:
+                spans[j] = (cursor, at)
+            pending = []
             spans.append((at, at + len(tok)))
             cursor = at + len(tok)
         else:
-            spans.append((cursor, cursor))
-    return spans
+            spans.append(None)
+            pending.append(i)
+    for j in pending:
+        spans[j] = (cursor, cursor)
+    return [sp if sp is not None else (cursor, cursor) for sp in spans]
 
 
-def groups_from_spans(tokens: Sequence[str], text: str, char_spans) -> list[list[int]]:
-    """Token positions inside each character span (a token belongs where its first char falls)."""
-    tspans = token_spans(tokens, text)
-    return [[i for i, (a, b) in enumerate(tspans) if b > a and lo <= a < hi] for lo, hi in char_spans]
+def groups_from_spans(tokens, text: str, char_spans, offsets=None) -> list[list[int]]:
+    """Token positions inside each character span: a token belongs where its first non-blank
+    character falls (so ' The' belongs to the sentence 'The ...' starts, whether or not the span
+    includes the space before it; a token of blanks only, where its first character falls); tokens
+    with an empty span, such as an added <bos>, belong nowhere. `tokens`: strings, or a Capture /
+    SinkStats (its offsets are then used, see `token_spans`)."""
+    tspans = token_spans(tokens, text, offsets)
+    starts = []
+    for a, b in tspans:
+        piece = text[a:b]
+        starts.append(a + len(piece) - len(piece.lstrip()) if piece.strip() else a)
+    return [[i for i, ((a, b), c) in enumerate(zip(tspans, starts)) if b > a and lo <= c < hi]
+            for lo, hi in char_spans]
 
 
-def segment_heads(stats: SinkStats, groups: Sequence[Sequence[int]], eps: float = DEFAULT_EPS) -> pd.DataFrame:
+def segment_heads(stats: SinkStats, groups: Sequence[Sequence[int]], eps: float = DEFAULT_EPS,
+                  min_queries: int | None = None) -> pd.DataFrame:
     """For each head: the sink catching the most tokens of each group, the share it catches, and
     whether the head `separates` the groups (each group's majority sink catches more than half its
     tokens, and the groups' majority sinks are all different). Groups are lists of positions; a
     group's own sink (its first token, when it is a sink) is left out of its count."""
-    caught = stats.caught(eps)
+    caught = stats.caught(eps, min_queries)
     rows = []
     for li, layer in enumerate(stats.layers):
         for h in range(caught.shape[1]):
