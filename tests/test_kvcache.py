@@ -157,6 +157,11 @@ def test_parameters():
     for bad in ("64,abc", "", [512], [4], True):
         with pytest.raises(CatchtagError):
             kv.parse_budgets(bad, 512)
+    assert kv.check_run(2, 64, "16,32") == [16, 32]
+    with pytest.raises(CatchtagError, match="n_chunks"):
+        kv.check_run(0, 64, "16")
+    with pytest.raises(CatchtagError, match="chunk_tokens"):
+        kv.check_run(2, 8, "16")
     with pytest.raises(CatchtagError, match="remote=True"):
         kv.check_local(True)
     kv.check_local(False)
@@ -229,6 +234,9 @@ def test_mask_path_equals_cache_path(any_model):
             b = kv.decode_logits(any_model, ids, rows)
             assert torch.allclose(a, b, atol=2e-3), policy
             assert not torch.allclose(a[12:], logits[12:], atol=1e-2)   # eviction changed something
+            tail = kv.masked_logits(any_model, ids, rows, 10, kv.prefix_cache(any_model, ids, 10))
+            assert torch.allclose(tail, a[10:], atol=2e-3), policy                # prefix reuse
+            assert torch.allclose(kv.nll(tail, ids, 10), kv.nll(a, ids, 10), atol=1e-3)
     finally:
         if old is not None:
             hf.config.sliding_window = old

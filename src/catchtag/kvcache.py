@@ -174,6 +174,15 @@ def parse_budgets(budgets, chunk_tokens: int) -> list[int]:
     return sorted(set(out))
 
 
+def check_run(n_chunks: int, chunk_tokens: int, budgets) -> list[int]:
+    """The chapter's sizes checked together; returns the budgets as `parse_budgets` does."""
+    if n_chunks < 1:
+        raise CatchtagError(f"n_chunks={n_chunks} is not valid: use at least 1 chunk (2 or more for intervals)")
+    if chunk_tokens < 32:
+        raise CatchtagError(f"chunk_tokens={chunk_tokens} is not valid: use at least 32 tokens per chunk")
+    return parse_budgets(budgets, chunk_tokens)
+
+
 def check_local(remote) -> None:
     """The mask path passes custom 4-D masks and runs many forwards: it runs locally only."""
     if remote is True:
@@ -385,12 +394,13 @@ def _layer_types(hf) -> list[str] | None:
     return list(types) if types and "sliding_attention" in types else None
 
 
-def eviction_mask(model, rows: torch.Tensor, dtype=torch.float32):
-    """The attention mask that hides evicted keys: an additive (1, 1, T, T) tensor (0 kept, the
-    dtype's minimum evicted), or for models with sliding-window layers (Gemma-3) the dict
-    {"full_attention": m, "sliding_attention": m AND (i - k < sliding_window)} that their forward
-    accepts in place of the masks it would build (a single 4-D tensor would be used for both kinds
-    of layer, letting sliding layers see keys beyond their window).
+def eviction_mask(model, rows: torch.Tensor, start: int = 0, dtype=torch.float32):
+    """The attention mask that hides evicted keys from queries start..T-1: an additive
+    (1, 1, T - start, T) tensor (0 kept, the dtype's minimum evicted), or for models with
+    sliding-window layers (Gemma-3) the dict {"full_attention": m, "sliding_attention": m AND
+    (i - k < sliding_window)} that their forward accepts in place of the masks it would build (a
+    single 4-D tensor would be used for both kinds of layer, letting sliding layers see keys beyond
+    their window).
 
     transformers (masking_utils._preprocess_mask_arguments) returns a 4-D mask as it is, so the
     mask must already be causal: rows never keep a key after the query."""
@@ -401,30 +411,64 @@ def eviction_mask(model, rows: torch.Tensor, dtype=torch.float32):
         raise CatchtagError("rows keep a key after its query: the mask must be causal")
     hf = model.hf if hasattr(model, "hf") else model
     low = torch.finfo(dtype).min
+    keep = rows[start:]
 
-    def additive(keep):
-        return torch.zeros(1, 1, T, T, dtype=dtype).masked_fill(~keep.view(1, 1, T, T), low)
+    def additive(k):
+        return torch.zeros(1, 1, T - start, T, dtype=dtype).masked_fill(~k.view(1, 1, T - start, T), low)
 
     if _layer_types(hf) is None:
-        return additive(rows)
+        return additive(keep)
     window = int(hf.config.sliding_window)
-    i = torch.arange(T).view(T, 1)
+    i = torch.arange(start, T).view(-1, 1)
     k = torch.arange(T).view(1, T)
-    return {"full_attention": additive(rows), "sliding_attention": additive(rows & (i - k < window))}
+    return {"full_attention": additive(keep), "sliding_attention": additive(keep & (i - k < window))}
 
 
 @torch.no_grad()
-def masked_logits(model, ids: Sequence[int], rows: torch.Tensor) -> torch.Tensor:
-    """Logits (T, V) of one forward where query i sees only the keys rows[i] keeps (original positions)."""
+def prefix_cache(model, ids: Sequence[int], start: int):
+    """A plain `DynamicCache` holding the keys and values of ids[:start] with nothing evicted (every
+    policy keeps every key before its budget is reached), to be reused by `masked_logits`."""
+    from transformers import DynamicCache
+
     hf = model.hf if hasattr(model, "hf") else model
-    x = torch.tensor([list(ids)])
-    return hf(x, attention_mask=eviction_mask(hf, rows)).logits[0].float()
+    rows = torch.tril(torch.ones(start, start, dtype=torch.bool))
+    cache = DynamicCache()
+    hf(torch.tensor([list(ids[:start])]), attention_mask=eviction_mask(hf, rows), cache=cache, use_cache=True)
+    return cache
+
+
+@torch.no_grad()
+def masked_logits(model, ids: Sequence[int], rows: torch.Tensor, start: int = 0, prefix=None) -> torch.Tensor:
+    """Logits (T - start, V) of queries start..T-1 when query i sees only the keys rows[i] keeps,
+    at their original positions. With `prefix` (a `prefix_cache` of ids[:start]; rows[:start] must
+    keep every earlier key) only the queries from `start` on are computed; the prefix is copied,
+    not changed."""
+    import copy
+
+    hf = model.hf if hasattr(model, "hf") else model
+    T = len(ids)
+    if start and prefix is None:
+        return masked_logits(model, ids, rows)[start:]
+    if start and not bool(torch.tril(rows[:start, :start]).eq(torch.tril(torch.ones(start, start, dtype=torch.bool))).all()):
+        raise CatchtagError("a prefix cache needs rows that keep every key before `start`")
+    x = torch.tensor([list(ids[start:])])
+    kw = {}
+    if start:
+        kw = dict(cache=copy.deepcopy(prefix), use_cache=True, position_ids=torch.arange(start, T).view(1, -1))
+    return hf(x, attention_mask=eviction_mask(hf, rows, start), **kw).logits[0].float()
 
 
 def nll(logits: torch.Tensor, ids: Sequence[int], start: int) -> torch.Tensor:
-    """Negative log-likelihood (nats) of token i + 1 given the logits at i, for i = start .. T - 2."""
+    """Negative log-likelihood (nats) of token i + 1 given the logits at i, for i = start .. T - 2.
+
+    logits: (T, V) for every query, or (T - start, V) for the queries from `start` on."""
+    T = len(ids)
+    if logits.shape[0] == T:
+        logits = logits[start:]
+    if logits.shape[0] != T - start:
+        raise CatchtagError(f"logits have {logits.shape[0]} rows, expected {T} or {T - start}")
     y = torch.tensor(list(ids))[start + 1:]
-    lp = torch.log_softmax(logits[start:-1].float(), dim=-1)
+    lp = torch.log_softmax(logits[:-1].float(), dim=-1)
     return -lp.gather(1, y.view(-1, 1))[:, 0]
 
 
@@ -522,8 +566,9 @@ def run_chunk(model, ids: Sequence[int], budgets: Sequence[int], eps: float, see
     for b in budgets:
         kept = all_policies(T, b, scores, eps, kinds, seed, sink_share)
         base = nll(logits, ids, b)
+        prefix = prefix_cache(model, ids, b)
         for p, k in kept.items():
-            lg = masked_logits(model, ids, k.rows)
+            lg = masked_logits(model, ids, k.rows, b, prefix)
             out.append(dict(budget=b, policy=p, ppl=float(nll(lg, ids, b).mean().exp()),
                             ppl_full=float(base.mean().exp()),
                             sink_share=sink_share_of_kept(k.rows, scores, eps, b),
@@ -546,15 +591,20 @@ def t_interval(x, level: float = 0.95) -> tuple[float, float, float]:
 
 
 def summarize(rows):
-    """Per (budget, policy): mean perplexity over chunks with its 95% t interval, mean sink share and
-    protected count. `rows`: the records of `run_chunk` with a "chunk" column (a DataFrame or list)."""
+    """Per (budget, policy), over chunks: the geometric-mean perplexity "ppl" with its 95% interval
+    ("lo", "hi": a t interval of the mean log perplexity, exponentiated), the same for the ratio to
+    the perplexity with nothing evicted ("ratio", "ratio_lo", "ratio_hi", paired by chunk), the
+    full-cache perplexity, the mean sink share of kept keys and protected count. `rows`: the records
+    of `run_chunk` with a "chunk" column (a DataFrame or list)."""
     import pandas as pd
 
     df = pd.DataFrame(rows)
     recs = []
     for (b, p), g in df.groupby(["budget", "policy"], sort=False):
-        m, lo, hi = t_interval(g["ppl"])
-        recs.append(dict(budget=b, policy=p, ppl=m, lo=lo, hi=hi, ppl_full=float(g["ppl_full"].mean()),
+        m, lo, hi = np.exp(t_interval(np.log(g["ppl"])))
+        r, rlo, rhi = np.exp(t_interval(np.log(g["ppl"]) - np.log(g["ppl_full"])))
+        recs.append(dict(budget=b, policy=p, ppl=m, lo=lo, hi=hi, ratio=r, ratio_lo=rlo, ratio_hi=rhi,
+                         ppl_full=float(np.exp(np.log(g["ppl_full"]).mean())),
                          sink_share=float(g["sink_share"].mean()), n_protected=float(g["n_protected"].mean()),
                          n_chunks=len(g)))
     return pd.DataFrame(recs)
