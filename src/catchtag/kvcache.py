@@ -289,7 +289,7 @@ def _simulate(T: int, budget: int, on_add, keep_on_leave) -> tuple[torch.Tensor,
 
 def policy_rows(policy: str, T: int, budget: int, scores: torch.Tensor | None = None, eps: float = 0.2,
                 kinds: Sequence[str] | None = None, seed: int = 0, sink_share: float = SINK_SHARE,
-                n_first: int = N_FIRST, reference: Kept | None = None) -> Kept:
+                n_first: int = N_FIRST, reference: Kept | None = None, stream: int = 0) -> Kept:
     """The kept set of every query under one policy (see the module docstring).
 
     scores: (T, T) from `full_pass` (needed by "sinks", "random", "punct_random");
@@ -300,7 +300,7 @@ def policy_rows(policy: str, T: int, budget: int, scores: torch.Tensor | None = 
     if not 2 <= budget:
         raise CatchtagError(f"budget {budget} is too small")
     cap = max(1, int(budget * sink_share))
-    rng = np.random.default_rng([seed, budget, POLICIES.index(policy)])
+    rng = np.random.default_rng([seed, stream, budget, POLICIES.index(policy)])
 
     def is_sink(k, i):
         s = float(scores[i, k])
@@ -369,12 +369,13 @@ def policy_rows(policy: str, T: int, budget: int, scores: torch.Tensor | None = 
 
 
 def all_policies(T: int, budget: int, scores: torch.Tensor, eps: float, kinds: Sequence[str],
-                 seed: int = 0, sink_share: float = SINK_SHARE) -> dict[str, Kept]:
+                 seed: int = 0, sink_share: float = SINK_SHARE, stream: int = 0) -> dict[str, Kept]:
     """`policy_rows` for every policy in `POLICIES`, "sinks" first (the others match its counts)."""
-    out = {"sinks": policy_rows("sinks", T, budget, scores, eps, kinds, seed, sink_share)}
+    out = {"sinks": policy_rows("sinks", T, budget, scores, eps, kinds, seed, sink_share, stream=stream)}
     for p in POLICIES:
         if p != "sinks":
-            out[p] = policy_rows(p, T, budget, scores, eps, kinds, seed, sink_share, reference=out["sinks"])
+            out[p] = policy_rows(p, T, budget, scores, eps, kinds, seed, sink_share, reference=out["sinks"],
+                                 stream=stream)
     return {p: out[p] for p in POLICIES}
 
 
@@ -554,17 +555,19 @@ def token_kinds(model, ids: Sequence[int]) -> list[str]:
 
 
 def run_chunk(model, ids: Sequence[int], budgets: Sequence[int], eps: float, seed: int = 0,
-              sink_share: float = SINK_SHARE, progress=None) -> list[dict]:
+              sink_share: float = SINK_SHARE, progress=None, chunk: int = 0) -> list[dict]:
     """Every policy at every budget on one chunk: one row per (budget, policy) with the chunk's
     perplexity past the first B tokens ("ppl"), the full-cache perplexity on the same tokens
     ("ppl_full"), the share of kept keys that are sinks ("sink_share"), and the mean number of
-    protected tokens ("n_protected")."""
+    protected tokens ("n_protected"). `chunk` (the chunk's index) seeds the random policies with
+    `seed`. Cost: one eager full pass, then per budget one prefix pass of B tokens and one pass of
+    the remaining T - B queries per policy."""
     logits, scores = full_pass(model, ids)
     kinds = token_kinds(model, ids)
     T = len(ids)
     out = []
     for b in budgets:
-        kept = all_policies(T, b, scores, eps, kinds, seed, sink_share)
+        kept = all_policies(T, b, scores, eps, kinds, seed, sink_share, stream=chunk)
         base = nll(logits, ids, b)
         prefix = prefix_cache(model, ids, b)
         for p, k in kept.items():
