@@ -434,7 +434,9 @@ def prefix_cache(model, ids: Sequence[int], start: int):
     hf = model.hf if hasattr(model, "hf") else model
     rows = torch.tril(torch.ones(start, start, dtype=torch.bool))
     cache = DynamicCache()
-    hf(torch.tensor([list(ids[:start])]), attention_mask=eviction_mask(hf, rows), cache=cache, use_cache=True)
+    body = getattr(hf, "model", hf)   # the decoder without its LM head: no logits are needed here
+    body(input_ids=torch.tensor([list(ids[:start])]), attention_mask=eviction_mask(hf, rows), cache=cache,
+         use_cache=True)
     return cache
 
 
