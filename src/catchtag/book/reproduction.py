@@ -184,6 +184,12 @@ CLAIMS: list[Claim] = [
           "at most 4 of 10", "minimal", "What each run learned",
           "{n_ctr} of {n_seeds} runs by our criterion",
           Rule("verdict", ("verdict_training",)), "paper's settings (see the chapter)"),
+    Claim("kv_sinks", "§1, abstract", "Sinks are critical for performance under KV-caching",
+          "\"critical\" (via StreamingLLM; no number)", "kvcache", "Does a bounded cache need its sinks?",
+          "perplexity ratio window-only / first 4 + window at B = {b_small}: {m1_model}: "
+          "{m1_window_streaming_small}; {m2_model}: {m2_window_streaming_small}. Random past tokens / "
+          "detected sinks (ours): {m1_random_sinks_small} and {m2_random_sinks_small}",
+          Rule("verdict", ("verdict_kv_sinks",)), "StreamingLLM's protocol, original positions (ours)"),
 ]
 
 

