@@ -166,7 +166,7 @@ CLAIMS: list[Claim] = [
           "Qwen2.5-14B 1.125 → 2.196 (R1-Distill-Qwen-14B); Llama-3.1-8B 1.993 → 2.025 (R1-Distill-Llama-8B)",
           "reasoning", "What the paper says / what we see",
           "{summary}",
-          Rule("verdict", ("verdict_reasoning",)), "paper (150-token prompts)"),
+          Rule("verdict", ("verdict_reasoning",)), "paper, via note (150-token prompts); offline: our proxy"),
     Claim("qknorm_total", "§6", "With QK-norm the total number of sinks remains similar",
           "\"remains similar\"", "qknorm", "What the paper says / what we see",
           "{total_summary}", Rule("verdict", ("verdict_total",)), "ours"),
@@ -178,8 +178,8 @@ CLAIMS: list[Claim] = [
           "{construction_summary}", Rule("verdict", ("verdict_construction",)), "paper"),
     Claim("minimal_training", "§7, Fig. 7", "Training finds the mechanism in at most 4 of 10 runs",
           "at most 4 of 10", "minimal", "What each run learned",
-          "{n_ctr} of {n_seeds} runs by our criterion",
-          Rule("verdict", ("verdict_training",)), "paper's settings (see the chapter)"),
+          "{n_ctr} of {n_seeds} runs by our criterion ({settings} settings)",
+          Rule("verdict", ("verdict_training",)), "paper, via note (its recipe; reduced by default: see the chapter)"),
 ]
 
 
