@@ -2,7 +2,15 @@
 
 One readable file, nanoGPT style: the task (`make_batch`), the model (`MinimalTransformer`), the
 hand-set weights of Theorem 7.1 (`construct_solution`, with its error bound `construction_bound`),
-training from random init (`train`), and the circuit diagnostics (`diagnostics`, `classify`).
+training from random init (`train`, with the paper's recipe and a reduced one in `SETTINGS`), the
+circuit diagnostics (`diagnostics`, `classify`), and what the chapter reports (`construction_sweep`,
+`verdict_construction`, `verdict_training`, `seed_table`, `run_ablations`). Every quantity is defined
+on the book's definitions page (book/definitions.md).
+
+What the paper gives (paper, via note): numbers separated by a [SEP] token, the target the mean of
+the numbers after [SEP]; Theorem 7.1 is a construction that becomes exact as a tag scale s_tag grows
+without bound; 2-D embeddings, two attention layers; training on 8,192 sequences for 50 epochs with
+AdamW, learning rate 5e-2, weight decay 1e-3; the mechanism in at most 4 of 10 runs.
 
 The task (paper: "average the tokens after [SEP]"; the encoding is ours). A sequence of `seq_len`
 vectors of width `dim`. Channel 0 marks the first token, channel 1 marks [SEP], and channels
