@@ -142,8 +142,8 @@ def test_check_hosted_reads_nnsight_status():
 
 def test_token_class():
     assert R.token_class("<|im_start|>", 0) == "first"
-    assert [R.token_class(t, 3) for t in (".", "\n", " 42", " the", " Answer", "=")] == [
-        "punctuation", "newline", "number", "function word", "word", "punctuation"]
+    assert [R.token_class(t, 3) for t in (".", "\n", " 42", " the", " Answer", "=", " ")] == [
+        "punctuation", "newline", "number", "function word", "word", "punctuation", "space"]
 
 
 def test_sink_taxonomy_on_planted_stats():

@@ -407,20 +407,22 @@ FUNCTION_WORDS = frozenset(
     "been it its this that these those what which who whom there here not no do does did has have had "
     "will would can could should may might must".split()
 )
-TOKEN_CLASSES = ("first", "punctuation", "newline", "number", "function word", "word")
+TOKEN_CLASSES = ("first", "punctuation", "newline", "space", "number", "function word", "word")
 
 
 def token_class(token: str, position: int) -> str:
     """The taxonomy of sink tokens (ours, after the paper's "function words and punctuation" vs
     "salient words"): 'first' (position 0), 'newline', 'punctuation' (as `catchtag.sinks`),
-    'number' (digits once whitespace is stripped), 'function word' (`FUNCTION_WORDS`, case
-    ignored), else 'word'."""
+    'space' (only spaces or tabs), 'number' (digits once whitespace is stripped), 'function word'
+    (`FUNCTION_WORDS`, case ignored), else 'word' (a word or a piece of one)."""
     from .sinks import token_kind
 
     kind = token_kind(token, position)
     if kind != "other":
         return kind
     t = token.strip().lower()
+    if not t:
+        return "space"
     if t.isdigit():
         return "number"
     if t in FUNCTION_WORDS:
