@@ -178,3 +178,26 @@ def test_paper_prompts_are_150_tokens(smollm, gemma):
         R.paper_prompts(smollm, probs, 0)
     with pytest.raises(CatchtagError):
         R.paper_prompts(smollm, [], 2)
+
+
+def test_run_quantities_from_planted_tables():
+    import pandas as pd
+
+    labels = [R.BASE, R.TUNED, R.CONTROL]
+    summary = pd.DataFrame(dict(sinks_per_head=[1.0, 1.5, 1.1], first_share=[0.5, 0.6, 0.5],
+                                other_per_head=[0.5, 0.9, 0.6], heads_high_ev=[2, 5, 3], n_heads=[4, 4, 4],
+                                n_tokens=[150.0, 150.0, 150.0]), index=labels)
+    heads = pd.DataFrame([dict(model=m, layer=l, head=h, n_sinks=1.0 + (m == R.TUNED) * (l == 1), ev=0.1)
+                          for m in labels for l in (0, 1) for h in (0, 1)])
+    tax = pd.DataFrame({c: [0.2, 0.2, 0.2] for c in R.TOKEN_CLASSES[1:]}, index=labels)
+    run = R.ReasoningRun(labels, ["p"] * 3, summary, heads, tax, pd.DataFrame(), {}, {}, None)
+    q = run.quantities()
+    assert q["sph_ratio"] == 1.5 and q["diff_reasoning"] == 0.5 and abs(q["diff_control"] - 0.1) < 1e-12
+    assert q["top_layer"] == 1 and q["top_layer_change"] == 1.0
+    assert q["reading"].startswith("larger than the control's on both")
+    assert q["verdict_reasoning"] == "not testable offline" and "offline proxy" in q["summary"]
+    assert q["n_prompts"] == 3 and q["word_share_tuned"] == 0.2
+    pair = R.ReasoningRun(labels[:2], ["p"], summary.iloc[:2], heads[heads.model != R.CONTROL], tax.iloc[:2],
+                          pd.DataFrame(), {}, {}, "qwen")
+    q = pair.quantities()
+    assert q["verdict_reasoning"] == "reproduced" and q["reading"] == "not compared with a control"

@@ -603,7 +603,8 @@ class ReasoningRun:
 
     def quantities(self, ev_high: float = 0.5) -> dict:
         """The numbers the chapter puts: sinks per head (sph_*), first_share_*, other_per_head_*,
-        high-EV heads (hev_*) for base, tuned (the reasoning model) and control (NaN without one),
+        high-EV heads (hev_*), shares of non-first sinks on words, bare spaces and punctuation
+        (word_share_*, space_share_*, punctuation_share_*) for base, tuned (the reasoning model) and control (NaN without one),
         the changes from the base (diff_reasoning, diff_control), n_heads, n_prompts, n_tokens
         (mean prompt length), the proxy's reading, the layer whose sinks per head moved most in the
         reasoning model (top_layer, top_layer_change), the verdict and the summary line."""
@@ -617,8 +618,9 @@ class ReasoningRun:
             q[f"first_share_{key}"] = get(label, "first_share")
             q[f"other_per_head_{key}"] = get(label, "other_per_head")
             q[f"hev_{key}"] = get(label, "heads_high_ev")
-            q[f"word_share_{key}"] = (float(self.taxonomy.loc[label, "word"])
-                                      if label is not None and label in self.taxonomy.index else float("nan"))
+            for c in ("word", "space", "punctuation"):
+                q[f"{c}_share_{key}"] = (float(self.taxonomy.loc[label, c])
+                                         if label is not None and label in self.taxonomy.index else float("nan"))
         q["sph_ratio"] = q["sph_tuned"] / q["sph_base"] if q["sph_base"] else float("nan")
         q["diff_reasoning"] = q["sph_tuned"] - q["sph_base"]
         q["diff_control"] = q["sph_control"] - q["sph_base"]
