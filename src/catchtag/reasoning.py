@@ -494,7 +494,7 @@ def check_hosted(repo_ids: Sequence[str], status=None) -> None:
     missing = [r for r, ok in hosted.items() if not ok]
     if missing:
         raise CatchtagError(
-            f"NDIF does not host {', '.join(missing)} now (nnsight.status()): run with remote=False on "
+            f"NDIF does not run {', '.join(missing)} now, or cannot be reached (nnsight.status()): run with remote=False on "
             "a machine that holds the weights, pick a hosted pair (https://nnsight.net/status/), or "
             "leave base_model and reasoning_model empty for the offline proxy"
         )
