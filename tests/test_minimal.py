@@ -123,3 +123,71 @@ def test_loss_references():
     w = W.mean(0)
     pred = (x[..., CONTENT:].double() * w[None, :, None]).sum(1)
     assert math.isclose(float((pred - y.double()).pow(2).mean()), floor, rel_tol=0.05)
+
+
+def test_fixed_dataset_training_is_deterministic_and_counts_steps():
+    kw = dict(seq_len=8, dim=3, d_model=2, n_train=64, epochs=3, batch=16, optimizer="adamw", lr=5e-2,
+              weight_decay=1e-3, log_every=4, eval_n=32)
+    m1, h1 = train(1, **kw)
+    m2, h2 = train(1, **kw)
+    assert len(h1["loss"]) == 3 * 4 and h1["loss"] == h2["loss"]
+    assert h1["log"]["step"][-1] == 12
+    assert m1.embed.weight.shape == (2, 3)
+    _, h3 = train(1, **{**kw, "weight_decay": 0.0})
+    assert h3["loss"][:1] == h1["loss"][:1] and h3["loss"] != h1["loss"]  # same data and init, other decay
+    with pytest.raises(ValueError):
+        train(1, **{**kw, "optimizer": "sgd"})
+    with pytest.raises(ValueError):
+        train(1, **{**kw, "epochs": 0})
+
+
+def test_settings_paper_and_reduced():
+    from catchtag.minimal import SETTINGS, TrainConfig, settings, settings_table
+
+    p = TrainConfig(**settings("paper"))
+    assert (p.n_train, p.epochs, p.optimizer, p.lr, p.weight_decay, p.d_model) == (8192, 50, "adamw", 5e-2, 1e-3, 2)
+    r = TrainConfig(**settings("reduced"))
+    assert r.total_steps * r.batch < p.total_steps * p.batch  # the reduced recipe is cheaper
+    assert settings("reduced", seq_len=9)["seq_len"] == 9
+    with pytest.raises(ValueError):
+        settings("huge")
+    rows = settings_table(dict(SETTINGS["paper"], seq_len=16), "paper")
+    byname = {row["setting"]: row for row in rows}
+    assert byname["training data"]["this run (paper)"] == "8,192 fixed sequences"
+    assert byname["epochs"]["this run (paper)"] == "50" and byname["optimiser steps"]["this run (paper)"] == "800"
+
+
+def test_construction_sweep_and_verdict():
+    from catchtag.minimal import construction_summary, construction_sweep, verdict_construction
+
+    sweep = construction_sweep([1.0, 4.0, 12.0], [8, 16], dim=3, n=200)
+    assert len(sweep) == 6 and (sweep.worst <= sweep.bound).all()
+    for _, g in sweep.groupby("T"):
+        assert g.worst.is_monotonic_decreasing and g.worst.iloc[-1] < 1e-6
+    assert verdict_construction(sweep, "catch-tag-release") == "reproduced"
+    assert verdict_construction(sweep, "fits without catch") == "not reproduced"
+    coarse = construction_sweep([1.0, 2.0], [8], dim=3, n=200)  # never gets below 1e-6
+    assert verdict_construction(coarse, "catch-tag-release") == "partly"
+    assert "T = 16" in construction_summary(sweep, "catch-tag-release", 16)
+
+
+def test_verdict_training():
+    from catchtag.minimal import verdict_training
+
+    assert verdict_training(0, 10) == "not reproduced"
+    assert verdict_training(1, 10) == verdict_training(4, 10) == "reproduced"
+    assert verdict_training(5, 10) == verdict_training(10, 10) == "partly"
+    with pytest.raises(ValueError):
+        verdict_training(0, 0)
+
+
+def test_seed_table_transition_and_eps_counts():
+    from catchtag.minimal import eps_counts, plateau_loss, seed_table, transition_step
+
+    hist = {"log": {"step": [0, 100, 200, 300], "r2": [0.0, 0.5, 0.95, 0.99], "loss": [1.0, 0.4, 0.05, 0.01]}}
+    assert transition_step(hist) == 200 and transition_step(hist, r2=0.999) is None
+    assert plateau_loss(hist) == 0.4
+    runs = {0: (construct_solution(3, 12, 10.0), hist)}
+    t = seed_table(runs, 12)
+    assert bool(t.loc[0, "ctr"]) and t.loc[0, "transition"] == 200
+    assert eps_counts(runs, 12, [0.2, 0.5]) == {0.2: 1, 0.5: 1}

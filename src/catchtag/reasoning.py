@@ -1,9 +1,17 @@
 """Reasoning models (paper §5): do reasoning-trained models use catch, tag, release in more heads?
 
-The paper (§5, Fig. 5) compares DeepSeek-R1-Distill-Qwen with its base Qwen model: the average
-number of sinks per head rises from 1.125 to 2.196 and more heads have a high share of variance
-explained by their tags. The paper calls this correlational (§K.3). Distillation at that scale is
-out of reach offline, so this module also runs a small *controlled* version (ours):
+The paper (§5, Fig. 5; paper, via note) compares two base models with their DeepSeek-R1-distilled
+versions on 170 prompts truncated to 150 tokens, counting sinks per head averaged over layers,
+heads and prompts: Qwen2.5-14B 1.125 -> DeepSeek-R1-Distill-Qwen-14B 2.196, and Llama-3.1-8B
+1.993 -> DeepSeek-R1-Distill-Llama-8B 2.025 (`PAPER_PAIRS`, `PAPER_SINKS_PER_HEAD`). A token
+taxonomy (on 200 prompts of 1,024 tokens) finds the base models' sinks on function words and
+punctuation, the distilled models' on salient words. More heads of the distilled model have a high
+variance explained by tags. The paper calls this correlational (§K.3). Those models are 8B and 14B
+parameters: they run on NDIF (`remote=True`, checked with `check_hosted`) or on a large GPU.
+Definitions of every quantity: the book's definitions page (book/definitions.md).
+
+Offline, this module runs a small *controlled* proxy (ours), on the paper's protocol (prompts of
+150 tokens, `paper_prompts`; sinks per head from `catchtag.sinks.census`):
 
 - `make_problems` writes multi-step arithmetic problems with explicit intermediate steps
   ("Start with 7. Add 5, then multiply by 3 ..."), generated here from a seed (no dataset).
@@ -15,11 +23,11 @@ out of reach offline, so this module also runs a small *controlled* version (our
   cycles through them more often. The loss is the next-token loss on every token of a block.
   By default only the attention projections (q, k, v, o) of every layer are trained, in eval mode
   (no dropout), so a run is deterministic for a seed.
-- `compare` measures sinks per head and per-head explained variance on the same prompts for any
+- `compare` measures the sink census and per-head explained variance on the same prompts for any
   set of models (base, reasoning-tuned, control; or a hub pair such as the paper's).
-
-Where the paper's reasoning pair is wanted, `PAPER_PAIR` names it; those models are 1.5B
-parameters and run through `load_model(hub id)` locally or with `remote=True` on NDIF.
+- `sink_taxonomy` and `top_sink_tokens`: which tokens become sinks (token classes, most common
+  tokens), per model.
+- `verdict` and `summary`: the reproduction row's verdict and one-line summary.
 """
 
 from __future__ import annotations
@@ -35,10 +43,17 @@ import torch
 
 from .errors import CatchtagError
 from .models import Model, _wrap
-from .sinks import DEFAULT_EPS, average_sinks_per_head, check_eps, head_table, sink_stats
+from .sinks import DEFAULT_EPS, census, check_eps, head_table, sink_stats, sink_table
 
-PAPER_PAIR = ("Qwen/Qwen2.5-Math-1.5B", "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B")
-PAPER_SINKS_PER_HEAD = (1.125, 2.196)  # (paper) §5: base -> reasoning-distilled
+# (paper, via note) §5: the two pairs, base -> R1-distilled, and their sinks per head
+PAPER_PAIRS = {
+    "qwen": ("Qwen/Qwen2.5-14B", "deepseek-ai/DeepSeek-R1-Distill-Qwen-14B"),
+    "llama": ("meta-llama/Llama-3.1-8B", "deepseek-ai/DeepSeek-R1-Distill-Llama-8B"),
+}
+PAPER_SINKS_PER_HEAD = {"qwen": (1.125, 2.196), "llama": (1.993, 2.025)}
+PAPER_PAIR = PAPER_PAIRS["qwen"]  # the pair of the 1.125 -> 2.196 headline
+PAPER_N_PROMPTS = 170   # (paper, via note)
+PAPER_MAX_TOKENS = 150  # (paper, via note) prompts truncated to this many tokens
 STYLES = ("reasoning", "answer")
 
 _OPS = (
@@ -256,6 +271,39 @@ def eval_prompts(problems: Sequence[Problem], style: str = "reasoning") -> list[
     return [render(p, style).strip() for p in problems]
 
 
+def paper_prompts(model: Model, problems: Sequence[Problem], n: int, max_tokens: int = PAPER_MAX_TOKENS,
+                  style: str = "reasoning") -> list[str]:
+    """`n` evaluation prompts on the paper's protocol: each packs consecutive held-out problems
+    rendered in `style` until it has at least `max_tokens` tokens, then is cut to `max_tokens`
+    tokens (paper, via note: prompts truncated to 150 tokens). The text is the decoded prefix, so
+    the model's tokenizer gives at most `max_tokens` tokens for it (`<bos>` included where the
+    tokenizer adds one). Problems are used in order and reused cyclically when there are too few.
+
+    Raises CatchtagError when `n` < 1, `max_tokens` < 16 or `problems` is empty.
+    """
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise CatchtagError(f"n={n!r} is not valid: the number of prompts must be a whole number >= 1")
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 16:
+        raise CatchtagError(f"max_tokens={max_tokens!r} is not valid: use a whole number >= 16 (the paper: 150)")
+    if not problems:
+        raise CatchtagError("no problems given: pass at least one held-out problem")
+    tok = model.tokenizer
+    out, j = [], 0
+    for _ in range(n):
+        text = ""
+        while len(tok(text, add_special_tokens=False).input_ids) < max_tokens:
+            text += render(problems[j % len(problems)], style)
+            j += 1
+        ids = tok(text, add_special_tokens=False).input_ids
+        keep = max_tokens - (len(model.tokenize(text)) - len(ids))  # room for <bos> where it is added
+        cut = tok.decode(ids[:keep])
+        while len(model.tokenize(cut)) > max_tokens:  # decoding can re-tokenise longer: trim
+            keep -= 1
+            cut = tok.decode(ids[:keep])
+        out.append(cut)
+    return out
+
+
 def head_ev(model: Model, caps, stats, eps: float = DEFAULT_EPS, min_caught: int = 2) -> pd.DataFrame:
     """Per-head explained variance by tags, pooled over prompts as a ratio of sums.
 
@@ -307,19 +355,22 @@ def compare(
     ev_high: float = 0.5,
     remote: bool | str = False,
     progress: bool = True,
-) -> tuple[pd.DataFrame, pd.DataFrame]:
+    keep_stats: bool = False,
+):
     """Sinks and explained variance of every model on the same prompts.
 
-    Returns (summary, heads). `summary` has one row per model: sinks_per_head (the paper's §5
-    statistic), first_share (heads with a first-token sink), other_per_head (non-first sinks per
-    head), heads_high_ev (heads whose tags explain at least `ev_high` of their output variance),
-    heads_with_ev (heads with an EV at all), median_ev, n_heads. `heads` has one row per (model,
-    layer, head): n_sinks (mean over prompts), n_other, ev, n_tags, n_caught.
+    Returns (summary, heads), or (summary, heads, stats) with `keep_stats` (stats: label -> list of
+    `SinkStats`, for `sink_taxonomy`). `summary` has one row per model: the `catchtag.sinks.census`
+    keys (sinks_per_head, the paper's §5 statistic: sinks per head averaged over layers, heads and
+    prompts; first_share; other_per_head; ...), heads_high_ev (heads whose tags explain at least
+    `ev_high` of their output variance), heads_with_ev (heads with an EV at all), median_ev,
+    n_heads, n_tokens (mean prompt length). `heads` has one row per (model, layer, head): n_sinks
+    (mean over prompts), n_other, ev, n_tags, n_caught.
     """
     from .capture import capture
 
     eps = check_eps(eps)
-    summary, parts = [], []
+    summary, parts, kept = [], [], {}
     for label, m in models.items():
         caps = capture(m, list(prompts), remote=remote, progress=progress)
         stats = [sink_stats(c) for c in caps]
@@ -334,16 +385,168 @@ def compare(
         parts.append(heads)
         summary.append(dict(
             model=label,
-            sinks_per_head=average_sinks_per_head(stats, eps),
-            first_share=float(ht["first_sink"].mean()),
-            other_per_head=float(ht["n_other"].mean()),
+            **census(stats, eps),
             heads_high_ev=int((heads["ev"] >= ev_high).sum()) if _has_weights(m) else np.nan,
             heads_with_ev=int(heads["ev"].notna().sum()),
             median_ev=float(heads["ev"].median()),
             n_heads=int(len(heads)),
+            n_tokens=float(np.mean([len(st.tokens) for st in stats])),
         ))
+        if keep_stats:
+            kept[label] = stats
         del caps
-    return pd.DataFrame(summary), pd.concat(parts, ignore_index=True)
+    out = (pd.DataFrame(summary), pd.concat(parts, ignore_index=True))
+    return out + (kept,) if keep_stats else out
+
+
+# --------------------------------------------------------------------------------------------------
+# Which tokens become sinks
+
+FUNCTION_WORDS = frozenset(
+    "a an the and or but if then than so of to in on at by for with from as into is are was were be "
+    "been it its this that these those what which who whom there here not no do does did has have had "
+    "will would can could should may might must".split()
+)
+TOKEN_CLASSES = ("first", "punctuation", "newline", "space", "number", "function word", "word")
+
+
+def token_class(token: str, position: int) -> str:
+    """The taxonomy of sink tokens (ours, after the paper's "function words and punctuation" vs
+    "salient words"): 'first' (position 0), 'newline', 'punctuation' (as `catchtag.sinks`),
+    'space' (only spaces or tabs), 'number' (digits once whitespace is stripped), 'function word'
+    (`FUNCTION_WORDS`, case ignored), else 'word' (a word or a piece of one)."""
+    from .sinks import token_kind
+
+    kind = token_kind(token, position)
+    if kind != "other":
+        return kind
+    t = token.strip().lower()
+    if not t:
+        return "space"
+    if t.isdigit():
+        return "number"
+    if t in FUNCTION_WORDS:
+        return "function word"
+    return "word"
+
+
+def sink_taxonomy(stats_by_model: dict, eps: float = DEFAULT_EPS) -> pd.DataFrame:
+    """Share of the non-first sinks of each model in each token class (`token_class`).
+
+    `stats_by_model`: label -> list of SinkStats (from `compare(..., keep_stats=True)`). One row
+    per model label, one column per class of `TOKEN_CLASSES` except 'first', plus `n_sinks` (the
+    number of (prompt, layer, head, position) non-first sinks counted). Rows of a model with no
+    non-first sink are NaN.
+    """
+    eps = check_eps(eps)
+    rows = []
+    for label, stats in stats_by_model.items():
+        t = sink_table(stats, eps)
+        t = t[t.position > 0]
+        classes = [token_class(tok, pos) for tok, pos in zip(t.token, t.position)]
+        counts = pd.Series(classes, dtype=object).value_counts()
+        n = int(counts.sum())
+        row = {"model": label, "n_sinks": n}
+        for c in TOKEN_CLASSES[1:]:
+            row[c] = float(counts.get(c, 0)) / n if n else np.nan
+        rows.append(row)
+    return pd.DataFrame(rows).set_index("model")
+
+
+def top_sink_tokens(stats_by_model: dict, eps: float = DEFAULT_EPS, k: int = 5) -> pd.DataFrame:
+    """The `k` tokens that are most often non-first sinks in each model: one row per (model, rank)
+    with the token (repr, so spaces and line breaks show), its class and its share of that model's
+    non-first sinks."""
+    eps = check_eps(eps)
+    rows = []
+    for label, stats in stats_by_model.items():
+        t = sink_table(stats, eps)
+        t = t[t.position > 0]
+        if not len(t):
+            continue
+        counts = t.token.value_counts()
+        for rank, (tok, c) in enumerate(counts.head(k).items(), start=1):
+            rows.append(dict(model=label, rank=rank, token=repr(tok), token_class=token_class(tok, 1),
+                             share=float(c) / len(t)))
+    return pd.DataFrame(rows, columns=["model", "rank", "token", "token_class", "share"])
+
+
+# --------------------------------------------------------------------------------------------------
+# NDIF: are the paper's models hosted?
+
+
+def ndif_hosted(repo_ids: Sequence[str], status=None) -> dict[str, bool]:
+    """{repo id: True when NDIF runs it now}. `status` is nnsight's `nnsight.status()` answer (a
+    mapping of deployment name -> dict with 'repo_id' and 'state'); None asks NDIF (nnsight 0.8:
+    `nnsight.status()`, which returns an empty status when NDIF cannot be reached)."""
+    if status is None:
+        import nnsight
+
+        status = nnsight.status()
+    running = {d.get("repo_id", name) for name, d in ((n, status[n]) for n in status)
+               if d.get("state") == "RUNNING"}
+    return {r: r in running for r in repo_ids}
+
+
+def check_hosted(repo_ids: Sequence[str], status=None) -> None:
+    """Raise a one-line CatchtagError naming the models NDIF does not run now (see `ndif_hosted`)."""
+    hosted = ndif_hosted(repo_ids, status)
+    missing = [r for r, ok in hosted.items() if not ok]
+    if missing:
+        raise CatchtagError(
+            f"NDIF does not run {', '.join(missing)} now, or cannot be reached (nnsight.status()): run with remote=False on "
+            "a machine that holds the weights, pick a hosted pair (https://nnsight.net/status/), or "
+            "leave base_model and reasoning_model empty for the offline proxy"
+        )
+
+
+# --------------------------------------------------------------------------------------------------
+# Verdict and summary (the reproduction page reads them)
+
+
+def paper_pair_key(base_model: str, reasoning_model: str) -> str | None:
+    """'qwen' or 'llama' when (base, reasoning) is one of the paper's pairs (`PAPER_PAIRS`), else None."""
+    for key, pair in PAPER_PAIRS.items():
+        if (base_model, reasoning_model) == pair:
+            return key
+    return None
+
+
+def verdict(base_sph: float, tuned_sph: float, pair: str | None, min_rise: float = 0.0) -> str:
+    """The verdict of the claim "reasoning distillation raises the sinks per head".
+
+    Only one of the paper's pairs (`pair` = 'qwen' or 'llama') can reproduce or fail to reproduce
+    it; anything else (the offline proxy, another hub pair) is "not testable offline". On the
+    paper's pair: "reproduced" when the distilled model has more sinks per head than its base by
+    more than `min_rise` (relative), else "not reproduced". NaN counts give "not testable offline".
+    """
+    if pair not in PAPER_PAIRS or not (np.isfinite(base_sph) and np.isfinite(tuned_sph)):
+        return "not testable offline"
+    return "reproduced" if tuned_sph > base_sph * (1 + min_rise) else "not reproduced"
+
+
+def proxy_reading(diff_reasoning: float, diff_control: float, hev_reasoning: float, hev_control: float) -> str:
+    """How the offline proxy reads: the reasoning fine-tune's change from the base (sinks per head,
+    high-EV heads) against the control's, in words."""
+    if not all(np.isfinite([diff_reasoning, diff_control, hev_reasoning, hev_control])):
+        return "not compared with a control"
+    if diff_reasoning > diff_control and hev_reasoning > hev_control:
+        return "larger than the control's on both counts, the direction the paper's hypothesis predicts"
+    if diff_reasoning <= diff_control and hev_reasoning <= hev_control:
+        return ("no larger than the control's on either count: fine-tuning on this text moves sinks "
+                "whether or not it spells out the steps")
+    return "larger than the control's on one count and not on the other: no clear reasoning-specific effect"
+
+
+def summary(base_label: str, base_sph: float, tuned_label: str, tuned_sph: float,
+            control_sph: float | None = None, pair: str | None = None) -> str:
+    """One line for the reproduction page: our sinks per head, base -> tuned (and control)."""
+    line = f"{base_label} {base_sph:.3f} → {tuned_label} {tuned_sph:.3f} sinks per head"
+    if control_sph is not None and np.isfinite(control_sph):
+        line += f" (control {control_sph:.3f})"
+    if pair is None:
+        line += "; offline proxy, the paper's pairs not run"
+    return line
 
 
 def _has_weights(model: Model) -> bool:
@@ -357,9 +560,9 @@ def load_pair(base_model: str, reasoning_model: str, remote: bool | str = False,
 
     if bool(base_model) != bool(reasoning_model):
         raise CatchtagError(
-            "give both base_model and reasoning_model (for the paper's pair: "
-            f"base_model={PAPER_PAIR[0]!r}, reasoning_model={PAPER_PAIR[1]!r}), or neither for the "
-            "offline fine-tuning experiment"
+            "give both base_model and reasoning_model (the paper's pairs: "
+            + "; ".join(f"{b} and {r}" for b, r in PAPER_PAIRS.values())
+            + "), or neither for the offline fine-tuning experiment"
         )
     return {"base": load_model(base_model, dtype=dtype, remote=remote),
             "reasoning": load_model(reasoning_model, dtype=dtype, remote=remote)}
@@ -369,3 +572,115 @@ def grid(heads: pd.DataFrame, label: str, column: str) -> np.ndarray:
     """(layers, heads) array of a `compare` heads column for one model."""
     t = heads[heads["model"] == label]
     return t.pivot(index="layer", columns="head", values=column).to_numpy(dtype=float)
+
+
+# --------------------------------------------------------------------------------------------------
+# The chapter's two runs, end to end
+
+BASE, TUNED, CONTROL = "base", "reasoning-tuned", "control (answers only)"
+
+
+@dataclasses.dataclass
+class ReasoningRun:
+    """Everything the chapter shows of one comparison (offline proxy or hub pair).
+
+    labels: model labels in order (base first, then the reasoning model, then the control when
+    there is one); prompts: the evaluation prompts; summary: `compare`'s summary indexed by label;
+    heads: `compare`'s per-head table; taxonomy / top_tokens: `sink_taxonomy` / `top_sink_tokens`;
+    finetunes: style -> FinetuneResult (offline only); held_out: label -> next-token loss on
+    held-out reasoning traces (offline only); pair: 'qwen' / 'llama' for the paper's pairs, else None.
+    """
+
+    labels: list[str]
+    prompts: list[str]
+    summary: pd.DataFrame
+    heads: pd.DataFrame
+    taxonomy: pd.DataFrame
+    top_tokens: pd.DataFrame
+    finetunes: dict
+    held_out: dict
+    pair: str | None
+
+    def quantities(self, ev_high: float = 0.5) -> dict:
+        """The numbers the chapter puts: sinks per head (sph_*), first_share_*, other_per_head_*,
+        high-EV heads (hev_*), shares of non-first sinks on words, bare spaces and punctuation
+        (word_share_*, space_share_*, punctuation_share_*) for base, tuned (the reasoning model) and control (NaN without one),
+        the changes from the base (diff_reasoning, diff_control), n_heads, n_prompts, n_tokens
+        (mean prompt length), the proxy's reading, the layer whose sinks per head moved most in the
+        reasoning model (top_layer, top_layer_change), the verdict and the summary line."""
+        s = self.summary
+        base, tuned = self.labels[0], self.labels[1]
+        ctrl = self.labels[2] if len(self.labels) > 2 else None
+        get = (lambda label, col: float(s.loc[label, col]) if label is not None else float("nan"))
+        q = {}
+        for key, label in (("base", base), ("tuned", tuned), ("control", ctrl)):
+            q[f"sph_{key}"] = get(label, "sinks_per_head")
+            q[f"first_share_{key}"] = get(label, "first_share")
+            q[f"other_per_head_{key}"] = get(label, "other_per_head")
+            q[f"hev_{key}"] = get(label, "heads_high_ev")
+            for c in ("word", "space", "punctuation"):
+                q[f"{c}_share_{key}"] = (float(self.taxonomy.loc[label, c])
+                                         if label is not None and label in self.taxonomy.index else float("nan"))
+        q["sph_ratio"] = q["sph_tuned"] / q["sph_base"] if q["sph_base"] else float("nan")
+        q["diff_reasoning"] = q["sph_tuned"] - q["sph_base"]
+        q["diff_control"] = q["sph_control"] - q["sph_base"]
+        q["n_heads"] = int(s.loc[base, "n_heads"])
+        q["n_prompts"] = len(self.prompts)
+        q["n_tokens"] = float(s.loc[base, "n_tokens"])
+        q["reading"] = proxy_reading(q["diff_reasoning"], q["diff_control"],
+                                     q["hev_tuned"] - q["hev_base"], q["hev_control"] - q["hev_base"])
+        h = self.heads
+        if grid(h, base, "n_sinks").shape == grid(h, tuned, "n_sinks").shape:
+            by_layer = h.groupby(["model", "layer"])["n_sinks"].mean().unstack("model")
+            moved = by_layer[tuned] - by_layer[base]
+            top = int(moved.abs().idxmax())
+            q["top_layer"], q["top_layer_change"] = top, float(moved.loc[top])
+        else:
+            q["top_layer"], q["top_layer_change"] = None, float("nan")
+        q["verdict_reasoning"] = verdict(q["sph_base"], q["sph_tuned"], self.pair)
+        q["summary"] = summary(base, q["sph_base"], tuned, q["sph_tuned"], q["sph_control"], self.pair)
+        return q
+
+
+def _finish(models: dict, prompts, eps, ev_high, remote, progress, finetunes, held, pair, top_k) -> ReasoningRun:
+    s, h, stats = compare(models, prompts, eps=eps, ev_high=ev_high, remote=remote, progress=progress,
+                          keep_stats=True)
+    return ReasoningRun(
+        labels=list(models), prompts=list(prompts), summary=s.set_index("model"), heads=h,
+        taxonomy=sink_taxonomy(stats, eps), top_tokens=top_sink_tokens(stats, eps, top_k),
+        finetunes=finetunes, held_out=held, pair=pair,
+    )
+
+
+def run_proxy(base: Model, train_problems: Sequence[Problem], eval_problems: Sequence[Problem], *,
+              n_prompts: int = 8, max_tokens: int = PAPER_MAX_TOKENS, eps: float = DEFAULT_EPS,
+              ev_high: float = 0.5, steps: int = 30, batch_size: int = 4, block_len: int = 48,
+              lr: float = 3e-4, seed: int = 0, train: str = "attention", top_k: int = 5,
+              progress: bool = True) -> ReasoningRun:
+    """The offline proxy (ours): fine-tune `base` on reasoning traces and, as the control, on the
+    same problems with answers only (`finetune`, same token budget), then compare base, tuned and
+    control on `n_prompts` held-out reasoning traces of `max_tokens` tokens (`paper_prompts`)."""
+    tunes = {style: finetune(base, train_problems, style, steps=steps, batch_size=batch_size,
+                             block_len=block_len, lr=lr, seed=seed, train=train,
+                             label=f"{base.name} ({style})", progress=progress)
+             for style in STYLES}
+    models = {BASE: base, TUNED: tunes["reasoning"].model, CONTROL: tunes["answer"].model}
+    held = {label: eval_loss(m, eval_problems, "reasoning", block_len=block_len) for label, m in models.items()}
+    prompts = paper_prompts(base, eval_problems, n_prompts, max_tokens)
+    return _finish(models, prompts, eps, ev_high, False, progress, tunes, held, None, top_k)
+
+
+def run_pair(base_model: str, reasoning_model: str, eval_problems: Sequence[Problem], *,
+             n_prompts: int = PAPER_N_PROMPTS, max_tokens: int = PAPER_MAX_TOKENS, eps: float = DEFAULT_EPS,
+             ev_high: float = 0.5, remote: bool | str = False, top_k: int = 5, status=None,
+             progress: bool = True) -> ReasoningRun:
+    """The paper's comparison on a hub pair: with `remote=True`, first `check_hosted` (one line when
+    NDIF does not run both models; `status` as in `ndif_hosted`), then load both and compare them on
+    `n_prompts` prompts of `max_tokens` tokens (paper, via note: 170 prompts of 150 tokens)."""
+    if remote is True:
+        check_hosted([base_model, reasoning_model], status)
+    pair = load_pair(base_model, reasoning_model, remote=remote)
+    models = {BASE: pair["base"], "R1-distilled": pair["reasoning"]}
+    prompts = paper_prompts(pair["base"], eval_problems, n_prompts, max_tokens)
+    return _finish(models, prompts, eps, ev_high, remote, progress, {}, {},
+                   paper_pair_key(base_model, reasoning_model), top_k)
