@@ -504,17 +504,22 @@ def faithful_features(model, statements: Sequence[str], continuation: str, eps: 
     xd = np.zeros((n, L, d), np.float32)
 
     def on_batch(rows, ids, A, V, R):
-        for b, i in enumerate(rows):
-            p = bpos[i]
-            for j, l in enumerate(layers):
-                st = stats_from_probs(A[l][b].double())
-                catch[i, j] = caught_by(st, eps)[:, -1].numpy()
-                dsink[i, j] = sinks_mask(st, eps)[:, p].numpy()
-                vs["dot"][i, j] = V[l][b, :, p].numpy()
-                vs["first"][i, j] = V[l][b, :, 0].numpy()
-                vs["other"][i, j] = V[l][b, :, p - 1].numpy()
-                x[i, j] = R[l][b, -1].numpy()
-                xd[i, j] = R[l][b, p].numpy()
+        rows = np.asarray(rows)
+        p = torch.as_tensor(bpos[rows])
+        B, T = ids.shape
+        ar = torch.arange(B)
+        # every layer, prompt and head at once: stats_from_probs takes any leading count of heads
+        st = stats_from_probs(torch.stack([A[l] for l in layers]).reshape(-1, T, T))
+        c = caught_by(st, eps)[:, -1].reshape(L, B, H)
+        sk = sinks_mask(st, eps).reshape(L, B, H, T)
+        catch[rows] = c.permute(1, 0, 2).numpy()
+        dsink[rows] = sk.permute(1, 0, 2, 3)[ar, :, :, p].numpy()  # (B, L, H)
+        for j, l in enumerate(layers):
+            vs["dot"][rows, j] = V[l][ar, :, p].numpy()
+            vs["first"][rows, j] = V[l][:, :, 0].numpy()
+            vs["other"][rows, j] = V[l][ar, :, p - 1].numpy()
+            x[rows, j] = R[l][:, -1].numpy()
+            xd[rows, j] = R[l][ar, p].numpy()
 
     forward_batches(model, prompts, on_batch, layers, batch_size, progress)
     return FaithfulFeatures(layers, catch, dsink, vs["dot"], vs["first"], vs["other"], x, xd, bpos)
@@ -550,6 +555,13 @@ def choose_heads(feats: FaithfulFeatures, train, min_rate: float = 0.5, max_head
 
 FAITHFUL_PROBES = ("tag", "random", "first token", "other prompt", "non-sink token", "shuffled",
                    "no tag", "residual at '.'", "residual at p")
+
+
+def probe_key(probe: str) -> str:
+    """A probe's name as a results quantity: "residual at '.'" -> "residual_at_dot"."""
+    import re
+
+    return re.sub(r"\W+", "_", probe.replace("'.'", "dot")).strip("_")
 
 
 def faithful_sets(model, feats: FaithfulFeatures, heads: Sequence[tuple[int, int]], seed: int = 0) -> dict[str, np.ndarray]:
@@ -614,3 +626,40 @@ def faithful_probe(model, feats: FaithfulFeatures, y, splits, min_rate: float = 
             scores[k].append(logistic_accuracy(X, y, tr, te, C, shuffle=k == "shuffled", seed=seed + s))
     rows = [dict(probe=k, **dict(zip(("mean", "low", "high"), mean_interval(v)))) for k, v in scores.items()]
     return {"applies": True, "scores": scores, "heads": chosen, "table": pd.DataFrame(rows)}
+
+
+# --------------------------------------------------------------------------------------------------
+# Readings and verdicts (what the chapter and the reproduction page say)
+
+CHANCE_BAND = 0.05  # (ours) "near chance": within 5 points of 50% (AUROC within 0.05 of 0.5)
+
+
+def near_chance_reading(mm: float, mm_thr: float, logistic: float, auroc: float, band: float = CHANCE_BAND) -> str:
+    """Which reading of a "near chance" θ_no tag a row supports (ours):
+
+    - "not near chance": the paper's probe (mm, no bias) is more than `band` from 50%;
+    - "information absent": it is near chance and so are the sound probes (fitted threshold,
+      logistic regression, AUROC);
+    - "probe artefact": it is near chance but a sound probe is not (the bias-free mass-mean probe
+      on uncentred activations predicts one class)."""
+    if abs(mm - 0.5) > band:
+        return "not near chance"
+    sound = max(mm_thr, logistic, auroc)
+    return "information absent" if sound <= 0.5 + band else "probe artefact"
+
+
+def faithful_verdict(results: Sequence[dict]) -> str:
+    """The faithful test's verdict over models (ours), from `faithful_probe` outputs: "reproduced"
+    when, in every model where the probe applies, θ_tag's interval lies above the interval of every
+    control that does not see the model's own "." tag or residual (random, first token, other
+    prompt, non-sink token, shuffled); "partly" when in some; "not reproduced" when in none;
+    "not testable offline" when it applies to no model (no "." sink in any head)."""
+    applied = [r for r in results if r.get("applies")]
+    if not applied:
+        return "not testable offline"
+    wins = []
+    for r in applied:
+        t = r["table"].set_index("probe")
+        controls = ("random", "first token", "other prompt", "non-sink token", "shuffled")
+        wins.append(bool(all(t.loc["tag", "low"] > t.loc[c, "high"] for c in controls)))
+    return "reproduced" if all(wins) else "partly" if any(wins) else "not reproduced"
