@@ -314,6 +314,7 @@ class PaperFeatures:
     notag: np.ndarray
     full: np.ndarray
     first_weight: np.ndarray
+    self_weight: np.ndarray
     self_sink: np.ndarray
     resid: np.ndarray
 
@@ -328,6 +329,7 @@ def paper_features(model, prompts: Sequence[str], eps: float = 0.2, layers: Sequ
     n, L, H, dh = len(prompts), len(layers), model.n_heads, model.head_dim
     out = {k: np.zeros((n, L, H, dh), np.float32) for k in ("tag", "notag", "full")}
     first = np.zeros((n, L, H), np.float32)
+    selfw = np.zeros((n, L, H), np.float32)
     selfs = np.zeros((n, L, H), bool)
     resid = np.zeros((n, L, model.d_model), np.float32)
 
@@ -341,11 +343,12 @@ def paper_features(model, prompts: Sequence[str], eps: float = 0.2, layers: Sequ
             out["notag"][rows, j] = torch.einsum("bhk,bhkd->bhd", w - wt, V[l]).numpy()
             out["full"][rows, j] = torch.einsum("bhk,bhkd->bhd", w, V[l]).numpy()
             first[rows, j] = (wt[..., 0] / wt.sum(-1).clamp_min(1e-12)).numpy()
+            selfw[rows, j] = (wt[..., -1] / wt.sum(-1).clamp_min(1e-12)).numpy()
             selfs[rows, j] = sink[..., -1].numpy()
             resid[rows, j] = R[l][:, -1].numpy()
 
     forward_batches(model, prompts, on_batch, layers, batch_size, progress)
-    return PaperFeatures(layers, out["tag"], out["notag"], out["full"], first, selfs, resid)
+    return PaperFeatures(layers, out["tag"], out["notag"], out["full"], first, selfw, selfs, resid)
 
 
 PAPER_FEATURES = ("tag", "notag", "full")
