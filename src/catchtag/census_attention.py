@@ -227,6 +227,11 @@ def census_raw(
     raw census sums (`LayerCensus`, batch in the first dimension). Runs the decoder only (no
     logits) and stops nothing early; `layers` default: all."""
     chunk = _check_chunk(chunk)
+    if getattr(model, "remote", False) is True:
+        raise CatchtagError(
+            f"model {model.name!r} runs on NDIF, whose server runs its own attention: use "
+            "capture(...) then sinks.sink_stats there; census_forward runs local models only"
+        )
     register()
     hf = model.hf
     lengths = [int(len(x)) for x in ids_list]
