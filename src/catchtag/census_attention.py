@@ -11,7 +11,9 @@ same probabilities:
 - `col_sum` (H, T): sum over the queries that can see key k of A_ik (float32 within a block,
   float64 across blocks, as `sinks.stats_streaming`);
 - `n_visible` (T,): how many queries see key k: min(T - k, window) (window-aware);
-- `row_sum` (H, T): the row's mass (1, or less with sink logits);
+- `row_sum` (H, T): the row's mass: with sink logits the sum of the row's probabilities (less
+  than 1); without them exactly 1 (the softmax's rows sum to 1 up to float rounding, ~1e-7, which
+  the capture path reports and this path does not);
 - `top_key`, `top_value` (H, T): the row's largest entry other than the diagonal, and its key
   (-1 and 0 for the first query), with `sinks.stats_streaming`'s tie rules.
 
@@ -128,7 +130,7 @@ def census_attention_forward(
         lengths = rec.lengths
         dev = query.device
         col_sum = torch.zeros(B, H, T, dtype=torch.float64, device=dev)
-        row_sum = torch.zeros(B, H, T, dtype=torch.float64, device=dev)
+        row_sum = torch.ones(B, H, T, dtype=torch.float64, device=dev)
         top_key = torch.full((B, H, T), -1, dtype=torch.long, device=dev)
         top_value = torch.zeros(B, H, T, dtype=torch.float64, device=dev)
     with torch.no_grad():
@@ -168,8 +170,11 @@ def census_attention_forward(
             for b, n in enumerate(lengths):
                 if n < stop:  # padding queries: left out of every sum
                     A5[b, :, :, max(0, n - start):] = 0.0
-            row_sum[:, :, start:stop] = A5.sum(dim=-1).reshape(B, H, R)
-            col_sum[:, :, lo:hi] += A5.sum(dim=-2).reshape(B, H, K)
+            if sink is not None:  # without sink logits every row sums to 1 (row_sum stays 1)
+                row_sum[:, :, start:stop] = A5.sum(dim=-1).reshape(B, H, R)
+            # column sums as a product with ones (faster than a strided reduction over rows)
+            ones = torch.ones(R, dtype=A5.dtype, device=A5.device)
+            col_sum[:, :, lo:hi].add_(torch.matmul(ones, A5).reshape(B, H, K).double())
             ar = torch.arange(R)
             A5[:, :, :, ar, start - lo + ar] = -1.0  # exclude the diagonal (the query itself)
             val, idx = A5.max(dim=-1)
