@@ -110,7 +110,9 @@ def test_census_forward_equals_capture_path_on_offline_models(any_model):
     assert len(st.tokens) > 600
     assert torch.equal(torch.isnan(st.received), torch.isnan(ref.received))
     assert (st.received.nan_to_num() - ref.received.nan_to_num()).abs().max() <= 1e-6
-    assert (st.row_sum - ref.row_sum).abs().max() <= 1e-6
+    # without sink logits the census reports rows summing to exactly 1; the capture path's float32
+    # row sums over ~1,000 keys differ from 1 by rounding (about 1e-6)
+    assert (st.row_sum - ref.row_sum).abs().max() <= 1e-5
     # the caught key may flip only on a near-tie between two keys
     flips = st.top_key != ref.top_key
     assert flips.float().mean() < 1e-4
