@@ -19,12 +19,23 @@ def test_bench_json_at_64_tokens(capsys):
     result = json.loads(capsys.readouterr().out)
     assert KEYS <= set(result)
     assert result["seq_len"] == 64 and result["model"] == "smollm2-135m"
-    assert result["max_abs_diff"] <= 1e-6
+    assert result["max_abs_diff"] <= 1e-6 and result["max_abs_diff_against"] == "naive"
+    assert result["census_vs_capture_max_abs_diff"] <= 1e-6
     assert result["top_key_equal"] is True
-    for key in ("sdpa_s", "naive_s", "streaming_s", "load_cached_s"):
+    for key in ("sdpa_s", "naive_s", "streaming_s", "load_cached_s", "census_s", "capture_path_s", "sdpa_decoder_s"):
         assert result[key] > 0
+    # streaming_* is the faster of the two census paths
+    assert result["streaming_path"] in ("census", "capture")
+    assert result["streaming_s"] == min(result["census_s"], result["capture_path_s"])
+    assert result["naive_run"] is True and result["census_over_sdpa"] > 0
     assert result["load_gguf_s"] is None  # skipped here; measured by default
     assert result["attention_stack_mb"] == pytest.approx(30 * 9 * 64 * 64 * 4 / 2**20, abs=1e-3)
+
+
+def test_bench_does_not_call_private_capture():
+    import inspect
+
+    assert "_capture_one" not in inspect.getsource(bench)
 
 
 def test_bench_input_has_exactly_seq_len_tokens(smollm):

@@ -11,6 +11,8 @@ Names (one per quantity, whatever the architecture):
 
 - `q`, `k`, `v`: (heads, T, head_dim) for one layer, keys and values repeated over the query heads
   that share them under grouped-query attention, so head h of `k` is the key head h reads.
+  `AttnInputs` stores keys and values once per kv head (`k_kv`, `v_kv`: (kv heads, T, head_dim))
+  and repeats them only when `k` or `v` is read.
 - `attn`: (heads, queries, keys) probabilities, rows summing to 1, or to less than 1 where the
   model has learned sink logits (reported, never renormalised).
 - `z`: (heads, T, head_dim) = attn @ v, the per-head result before the output projection.
@@ -31,18 +33,55 @@ from .models import Model
 from .remote import trace_kwargs
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(init=False, eq=False)
 class AttnInputs:
-    """The inputs of one layer's attention call for one prompt (batch dimension dropped)."""
+    """The inputs of one layer's attention call for one prompt (batch dimension dropped).
+
+    Keys and values are stored per kv head (`k_kv`, `v_kv`: (Hkv, T, dh)); `k` and `v` are the
+    (H, T, dh) tensors repeated over the query heads that share them (`repeat_kv`), made on each
+    access, so code that needs one kv head per query head reads `ai.k`, and code that can work on
+    the kv heads reads `ai.k_kv`. The constructor takes `k`/`v` either per kv head or already
+    repeated (any Hkv dividing H); `n_kv_heads` says which."""
 
     q: torch.Tensor  # (H, T, dh) after RoPE (and QK-norm, where the model has it)
-    k: torch.Tensor  # (H, T, dh), kv heads repeated to the query heads
-    v: torch.Tensor  # (H, T, dh), likewise
+    k_kv: torch.Tensor  # (Hkv, T, dh)
+    v_kv: torch.Tensor  # (Hkv, T, dh)
     mask: torch.Tensor | None  # (T, T) additive mask, or None for plain causal attention
     scaling: float
     sliding_window: int | None = None
     sink_logits: torch.Tensor | None = None  # (H,) learned per-head sink logits (gpt-oss)
     softcap: float | None = None
+
+    def __init__(self, q, k=None, v=None, mask=None, scaling=None, sliding_window=None,
+                 sink_logits=None, softcap=None, *, k_kv=None, v_kv=None):
+        k = k_kv if k is None else k
+        v = v_kv if v is None else v
+        if k is None or v is None or scaling is None:
+            raise CatchtagError("AttnInputs needs q, k (or k_kv), v (or v_kv) and scaling")
+        H = q.shape[0]
+        for name, x in (("k", k), ("v", v)):
+            if x.dim() != 3 or x.shape[1] != q.shape[1] or H % x.shape[0]:
+                raise CatchtagError(
+                    f"AttnInputs: {name} has shape {tuple(x.shape)}; it must be (Hkv, T, dh) with "
+                    f"T = {q.shape[1]} and Hkv dividing the {H} query heads"
+                )
+        self.q, self.k_kv, self.v_kv = q, k, v
+        self.mask, self.scaling, self.sliding_window = mask, scaling, sliding_window
+        self.sink_logits, self.softcap = sink_logits, softcap
+
+    @property
+    def k(self) -> torch.Tensor:
+        """(H, T, dh): keys repeated over the query heads (query head h reads kv head h // (H/Hkv))."""
+        return repeat_kv(self.k_kv, self.q.shape[0])
+
+    @property
+    def v(self) -> torch.Tensor:
+        """(H, T, dh): values repeated over the query heads."""
+        return repeat_kv(self.v_kv, self.q.shape[0])
+
+    @property
+    def n_kv_heads(self) -> int:
+        return self.k_kv.shape[0]
 
     @property
     def n_tokens(self) -> int:
@@ -110,11 +149,17 @@ def capture(
     logits: bool = False,
     remote: bool | str = False,
     progress: bool = True,
+    batch_size: int = 1,
 ) -> list[Capture]:
-    """Run each prompt through the model once and return one `Capture` per prompt.
+    """Run the prompts through the model and return one `Capture` per prompt.
 
-    One prompt per forward pass, so no padding ever enters an attention map. `layers` restricts
-    which layers' attention inputs are kept (default: all). `remote` is passed to nnsight's trace.
+    `batch_size` prompts per forward pass (default 1: one prompt per pass, no padding at all).
+    Batches are padded on the right and no attention mask is passed: under causal attention a real
+    token never sees the padding after it, its position ids (0..n-1, transformers' default) are those
+    of the prompt alone, and each prompt's captured tensors are cut to its own n tokens, so a
+    batched capture equals the one-prompt-at-a-time capture up to float rounding
+    (tests/test_batched_capture.py: within 1e-5). `layers` restricts which layers' attention inputs
+    are kept (default: all). `remote` is passed to nnsight's trace.
     """
     from .progress import progress as progress_bar
 
@@ -132,27 +177,54 @@ def capture(
             "load_model(<Hugging Face id>, remote=True) to run on NDIF (offline GGUF checkpoints "
             "cannot), or use remote='local' for an offline dry run"
         )
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise CatchtagError(f"batch_size={batch_size!r} is not valid: use a whole number of prompts >= 1")
     op = attention_op_name(model)
     out = []
-    bar = progress_bar(prompts, f"capture {model.name}", enabled=progress and len(prompts) > 1)
-    for text in bar:
-        ids = tokenize(model, text)
-        out.append(_capture_one(model, text, ids, layers, resid, logits, kwargs, op))
-        offsets = model.encode(text)[1]
-        out[-1].offsets = offsets if offsets is not None and len(offsets) == len(ids) else None
+    groups = [list(prompts[i : i + batch_size]) for i in range(0, len(prompts), batch_size)]
+    bar = progress_bar(groups, f"capture {model.name}", enabled=progress and len(groups) > 1)
+    for group in bar:
+        ids = [tokenize(model, text) for text in group]
+        caps = _capture_batch(model, group, ids, layers, resid, logits, kwargs, op)
+        for cap, text, tids in zip(caps, group, ids):
+            offsets = model.encode(text)[1]
+            cap.offsets = offsets if offsets is not None and len(offsets) == len(tids) else None
+        out.extend(caps)
     return out
 
 
+def capture_ids(model: Model, ids: torch.Tensor, layers: Sequence[int] | None = None,
+                resid: bool = True, logits: bool = False, text: str = "") -> Capture:
+    """`capture` of one prompt given as token ids (T,), locally; for benchmarks and tests."""
+    ids = torch.as_tensor(ids, dtype=torch.long).reshape(-1)
+    if len(ids) == 0 or len(ids) > model.max_length:
+        raise CatchtagError(f"{len(ids)} token ids: pass 1 to {model.max_length} ids")
+    layers = list(range(model.n_layers)) if layers is None else sorted(set(int(l) for l in layers))
+    for layer in layers:
+        model.check_layer_head(layer)
+    return _capture_one(model, text, ids, layers, resid, logits, {}, attention_op_name(model))
+
+
 def _capture_one(model, text, ids, layers, resid, want_logits, kwargs, op) -> Capture:
+    return _capture_batch(model, [text], [ids], layers, resid, want_logits, kwargs, op)[0]
+
+
+def _capture_batch(model, texts, ids_list, layers, resid, want_logits, kwargs, op) -> list[Capture]:
+    """One forward pass over the prompts, right-padded (see `capture`); one Capture per prompt."""
     import nnsight
 
     lm = model.lm
     wanted = set(layers)
     last = max(layers) if not resid and not want_logits else model.n_layers - 1
+    lengths = [len(ids) for ids in ids_list]
+    T = max(lengths)
+    batch = torch.zeros(len(ids_list), T, dtype=torch.long)  # padding id 0: never seen (right padding)
+    for b, ids in enumerate(ids_list):
+        batch[b, : len(ids)] = ids
     # Locally, nothing after the last wanted layer's attention inputs is needed without residuals
     # or logits: stop the forward pass there (no later layers, no T x vocab logits).
     stop_early = not resid and not want_logits and not kwargs
-    with torch.no_grad(), lm.trace(ids[None, :], **kwargs) as tracer:
+    with torch.no_grad(), lm.trace(batch, **kwargs) as tracer:
         saved = nnsight.save([])
         resids = nnsight.save([])
         for layer in range(last + 1):
@@ -178,38 +250,45 @@ def _capture_one(model, text, ids, layers, resid, want_logits, kwargs, op) -> Ca
             lg = nnsight.save(lm.lm_head.output)
         if stop_early:
             tracer.stop()
-    H = model.n_heads
-    T = len(ids)
-    attn_inputs = {}
+    B = len(ids_list)
+    per = [dict() for _ in range(B)]
     saved = list(saved)[::-1]
     for layer in layers:
-        # pop, so each layer's un-repeated k and v are freed as soon as they are repeated
+        # pop, so each layer's batched tensors are freed as soon as they are cut per prompt
         q, k, v, mask, scaling, window, sinks, softcap = saved.pop()
         if scaling is None:
             scaling = 1.0 / math.sqrt(q.shape[-1])
-        attn_inputs[layer] = AttnInputs(
-            q=q[0].float(),
-            k=repeat_kv(k[0].float(), H),
-            v=repeat_kv(v[0].float(), H),
-            mask=mask_2d(mask, T),
-            scaling=float(scaling),
-            sliding_window=int(window) if window else None,
-            sink_logits=None if sinks is None else sinks.detach().float().reshape(-1),
-            softcap=float(softcap) if softcap else None,
+        for b, n in enumerate(lengths):
+            m = mask
+            if mask is not None and mask.dim() == 4:
+                m = mask[b if mask.shape[0] > 1 else 0][None]  # the model may broadcast one mask
+            m = mask_2d(m, T)
+            per[b][layer] = AttnInputs(
+                q=q[b, :, :n].float().contiguous(),
+                k=k[b, :, :n].float().contiguous(),  # per kv head; `ai.k` repeats it
+                v=v[b, :, :n].float().contiguous(),
+                mask=None if m is None else m[:n, :n].contiguous(),
+                scaling=float(scaling),
+                sliding_window=int(window) if window else None,
+                sink_logits=None if sinks is None else sinks.detach().float().reshape(-1),
+                softcap=float(softcap) if softcap else None,
+            )
+    out = []
+    for b, (text, ids) in enumerate(zip(texts, ids_list)):
+        n = lengths[b]
+        out.append(
+            Capture(
+                model=model.name,
+                text=text,
+                input_ids=ids,
+                tokens=model.token_strings(ids),
+                layers=list(layers),
+                attn_inputs=per[b],
+                resid_post=torch.stack([r[b, :n].float() for r in resids]) if resid else None,
+                logits=lg[b, :n].float() if want_logits else None,
+            )
         )
-    resid_post = None
-    if resid:
-        resid_post = torch.stack([r[0].float() for r in resids])
-    return Capture(
-        model=model.name,
-        text=text,
-        input_ids=ids,
-        tokens=model.token_strings(ids),
-        layers=list(layers),
-        attn_inputs=attn_inputs,
-        resid_post=resid_post,
-        logits=lg[0].float() if want_logits else None,
-    )
+    return out
 
 
 def mask_2d(mask, T: int) -> torch.Tensor | None:
