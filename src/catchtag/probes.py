@@ -2,8 +2,8 @@
 
 Two protocols, kept apart because they measure different things.
 
-**The paper's protocol (paper, via note; ../shared/PAPER.md, "What more we know of the paper's own
-recipe").** The statement is fed alone and its last token (the final ".") is probed. Per layer l
+**The paper's protocol (paper, via note; see the book's definitions page,
+book/definitions.md).** The statement is fed alone and its last token (the final ".") is probed. Per layer l
 and head h, with A the head's attention (T x T), V its values (T x d_head) and
 alpha_k = (1 / (T - k)) sum_{q >= k} A_qk (0-based k: the mean over every query that sees k, k
 itself included, no cut-off) the received attention:

@@ -1,6 +1,6 @@
 """Attention sinks: received attention, sinks at a threshold, caught segments, and their census.
 
-Definitions (the book's, following ../shared/PAPER.md and `book/definitions.md`; (paper) marks the
+Definitions (the book's, following `book/definitions.md`; (paper) marks the
 paper's own choices):
 
 - Visible queries of key k, n_k: the queries i >= k whose mask lets them attend to k, k itself
