@@ -176,6 +176,8 @@ def test_verdict_training():
 
     assert verdict_training(0, 10) == "not reproduced"
     assert verdict_training(1, 10) == verdict_training(4, 10) == "reproduced"
+    assert verdict_training(3, 10, settings="reduced") == "partly"  # not the paper's runs
+    assert verdict_training(0, 10, settings="reduced") == "not reproduced"
     assert verdict_training(5, 10) == verdict_training(10, 10) == "partly"
     with pytest.raises(ValueError):
         verdict_training(0, 0)

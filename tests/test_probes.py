@@ -225,3 +225,12 @@ def test_faithful_verdict():
     assert probes.faithful_verdict([res(0.8, 0.6), {"applies": False}]) == "reproduced"
     assert probes.faithful_verdict([res(0.8, 0.6), res(0.6, 0.7)]) == "partly"
     assert probes.faithful_verdict([res(0.5, 0.7)]) == "not reproduced"
+
+
+def test_verdict_notag_counts_a_probe_artefact_against_the_claim():
+    from catchtag.probes import verdict_notag
+
+    assert verdict_notag(["information absent", "information absent"]) == "reproduced"
+    assert verdict_notag(["information absent", "probe artefact"]) == "partly"
+    assert verdict_notag(["probe artefact", "not near chance"]) == "not reproduced"
+    assert verdict_notag([None]) == "pending"

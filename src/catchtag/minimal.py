@@ -640,15 +640,19 @@ def construction_summary(sweep, label: str, seq_len: int) -> str:
             f"{lo.scale:g} → {hi.worst:.1e} at scale {hi.scale:g} (bound {hi.bound:.1e})")
 
 
-def verdict_training(n_ctr: int, n_seeds: int, paper_share: float = 0.4) -> str:
+def verdict_training(n_ctr: int, n_seeds: int, paper_share: float = 0.4, settings: str = "paper") -> str:
     """The claim "training finds the mechanism in at most 4 of 10 runs": "reproduced" when at least
     one run and at most `paper_share` of them meet `classify`'s criterion, "partly" when more do
-    (training finds it, more often than the paper says), "not reproduced" when none does."""
+    (training finds it, more often than the paper says), "not reproduced" when none does. Under
+    settings other than the paper's ("reduced"), a count in the paper's range is only "partly": the
+    runs are not the paper's runs."""
     if n_seeds < 1:
         raise ValueError("n_seeds must be >= 1")
     if n_ctr == 0:
         return "not reproduced"
-    return "reproduced" if n_ctr <= paper_share * n_seeds + 1e-9 else "partly"
+    if n_ctr > paper_share * n_seeds + 1e-9:
+        return "partly"
+    return "reproduced" if settings == "paper" else "partly"
 
 
 def transition_step(history: dict, r2: float = 0.9):

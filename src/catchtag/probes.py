@@ -651,6 +651,18 @@ def near_chance_reading(mm: float, mm_thr: float, logistic: float, auroc: float,
     return "information absent" if sound <= 0.5 + band else "probe artefact"
 
 
+def verdict_notag(readings: Sequence[str]) -> str:
+    """The claim "with the tag removed the probe is near chance", from each model's
+    `near_chance_reading` (ours): "reproduced" when every model reads "information absent",
+    "partly" when some do, "not reproduced" when none does ("probe artefact" counts against: the
+    paper's probe is at chance but the information is there)."""
+    readings = [r for r in readings if r]
+    if not readings:
+        return "pending"
+    absent = [r == "information absent" for r in readings]
+    return "reproduced" if all(absent) else "partly" if any(absent) else "not reproduced"
+
+
 def faithful_verdict(results: Sequence[dict]) -> str:
     """The faithful test's verdict over models (ours), from `faithful_probe` outputs: "reproduced"
     when, in every model where the probe applies, θ_tag's interval lies above the interval of every

@@ -304,22 +304,21 @@ class Results:
         """The glue name of a quantity: `{chapter}_{slot}_{quantity}`, or `{chapter}_{quantity}`."""
         return f"{self.chapter}_{quantity}" if model is None else f"{self.chapter}_{self.slot(model)}_{quantity}"
 
-    def put(self, model, quantity: str, value, spec: str = ""):
-        """Keep `value` and glue it (formatted with `spec`) under `name(model, quantity)`; returns it."""
+    def put(self, model, quantity: str, value, spec: str = "") -> None:
+        """Keep `value` and glue it (formatted with `spec`) under `name(model, quantity)`. Returns
+        None, so a cell ending in a put shows nothing."""
         if model is None:
             self.shared[quantity] = value
         else:
             self.values[self.slot(model)][quantity] = value
         if _is_scalar(value):
             glue_text(self.name(model, quantity), value, spec)
-        return value
 
-    def put_all(self, model, values: dict, specs: dict | None = None) -> dict:
+    def put_all(self, model, values: dict, specs: dict | None = None) -> None:
         """`put` every item of `values`; `specs` maps quantity -> format spec."""
         specs = specs or {}
         for quantity, value in values.items():
             self.put(model, quantity, value, specs.get(quantity, ""))
-        return values
 
     def get(self, model, quantity: str, default=None):
         if model is None:
