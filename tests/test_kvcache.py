@@ -240,3 +240,11 @@ def test_mask_path_equals_cache_path(any_model):
     finally:
         if old is not None:
             hf.config.sliding_window = old
+
+
+def test_comparison_text_marks_a_vacuous_sink_comparison():
+    from catchtag.kvcache import comparison_text
+
+    assert comparison_text("random_sinks", "1.00× [1.00, 1.00]", 0.02).startswith("not testable")
+    assert comparison_text("random_sinks", "1.02× [0.98, 1.06]", 3.2) == "1.02× [0.98, 1.06]"
+    assert comparison_text("window_streaming", "3.04× [2.67, 3.46]", 0.0) == "3.04× [2.67, 3.46]"
