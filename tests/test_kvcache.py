@@ -125,11 +125,11 @@ def test_prefix_scores_ignore_the_current_and_later_queries():
     T = 10
     a = torch.tril(torch.rand(3, T, T))
     a /= a.sum(-1, keepdim=True)
-    s = kv.prefix_scores(a)
+    s = kv.prefix_scores(a, min_queries=5)
     b = a.clone()
     b[:, 6:, :] = torch.tril(torch.rand(3, T - 6, T), diagonal=6)   # change queries 6..9 only
     b /= b.sum(-1, keepdim=True)
-    s2 = kv.prefix_scores(b)
+    s2 = kv.prefix_scores(b, min_queries=5)
     assert torch.allclose(torch.nan_to_num(s[:7]), torch.nan_to_num(s2[:7]), atol=1e-6)
     assert not torch.allclose(torch.nan_to_num(s[8:]), torch.nan_to_num(s2[8:]), atol=1e-6)
 

@@ -35,7 +35,7 @@ Definitions (ours unless marked):
 - Sink score (causal detection): s_i(k) = max over layers l and heads h of
   (1 / (i - k)) * sum_{j = k}^{i - 1} A^{l,h}_{jk}, the mean attention key k received from the
   queries before i that could see it, with A the attention of the model with nothing evicted. It is
-  defined when i - k >= `MIN_QUERIES` (5, as in `catchtag.sinks`); otherwise it is NaN and k is not
+  defined when i - k >= `MIN_QUERIES` (10, the census rule of `catchtag.sinks`); otherwise it is NaN and k is not
   a sink. It reads only queries j < i, so the decision for query i uses no token after i. It is the
   received attention alpha of `catchtag.sinks` (Gu et al.) restricted to past queries. A streaming
   implementation would accumulate the same sums from the attention it computes; ours reads them
