@@ -107,3 +107,10 @@ def test_headings_exist(claim):
         pytest.skip("chapter not written yet, or the row links to the whole chapter")
     headings = [line.lstrip("#").strip() for line in md.read_text().splitlines() if line.startswith("#")]
     assert claim.heading in headings, f"book/{claim.chapter}.md has no section {claim.heading!r}"
+
+
+def test_glued_text_that_names_a_folder_is_kept_as_text(tmp_path):
+    """A model given as a local folder: its name is glued as text, not read as a file."""
+    from catchtag.book.report import markdown
+
+    assert markdown(str(tmp_path)).data == str(tmp_path)

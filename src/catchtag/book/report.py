@@ -31,7 +31,18 @@ def glue_text(name: str, value, spec: str = "") -> str:
     from myst_nb import glue
 
     _GLUED[name] = value
-    glue(name, Markdown(fmt(value, spec)), display=False)
+    glue(name, markdown(fmt(value, spec)), display=False)
+
+
+def markdown(text: str):
+    """IPython's Markdown holding `text` as it is. Markdown(text) itself reads `text` as a file name
+    when a file or folder of that name exists (a model given as a local folder path would be
+    read, or fail as a directory), so the text is set after construction."""
+    from IPython.display import Markdown
+
+    md = Markdown("")
+    md.data = text
+    return md
 
 
 def glue(name: str, value, display: bool = False) -> None:
