@@ -21,16 +21,11 @@ def fmt(value, spec: str = "") -> str:
     return format(value, spec) if spec else str(value)
 
 
-_GLUED: dict = {}
-
-
-def glue_text(name: str, value, spec: str = "") -> str:
-    """Glue `value` formatted with `spec` as inline markdown under `name` (and remember the raw
-    value, for `save_glued`)."""
-    from IPython.display import Markdown
+def glue_text(name: str, value, spec: str = "") -> None:
+    """Glue `value` formatted with `spec` as inline markdown under `name` (shown with
+    {glue:md}`name`); `Results.put` calls it for every quantity."""
     from myst_nb import glue
 
-    _GLUED[name] = value
     glue(name, markdown(fmt(value, spec)), display=False)
 
 
@@ -43,40 +38,6 @@ def markdown(text: str):
     md = Markdown("")
     md.data = text
     return md
-
-
-def glue(name: str, value, display: bool = False) -> None:
-    """myst_nb's glue, remembering numbers, strings and markdown text for `save_glued`."""
-    import numbers
-
-    from myst_nb import glue as nb_glue
-
-    if isinstance(value, (numbers.Number, str)) or value is None:
-        _GLUED[name] = value
-    elif type(value).__name__ == "Markdown":
-        _GLUED[name] = value.data
-    nb_glue(name, value, display=display)
-
-
-def glued() -> dict:
-    """Every raw value glued with `glue_text` so far in this process, by glue name."""
-    return dict(_GLUED)
-
-
-def save_glued(chapter: str, params: dict, model_names, extra: dict | None = None) -> list[Path]:
-    """One results file per model (`save_results`) holding every number the chapter's prose shows
-    (`glued()`) and `extra`; the model file hash comes from the registry (None for hub ids)."""
-    from types import SimpleNamespace
-
-    from ..models import REGISTRY
-
-    data = {"glued": glued(), **(extra or {})}
-    paths = []
-    for name in model_names:
-        spec = REGISTRY.get(name)
-        holder = SimpleNamespace(file_sha256=spec.sha256 if spec else None)
-        paths.append(save_results(chapter, name, params, data, model=holder))
-    return paths
 
 
 # --------------------------------------------------------------------------------------------------
