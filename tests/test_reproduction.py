@@ -114,3 +114,18 @@ def test_glued_text_that_names_a_folder_is_kept_as_text(tmp_path):
     from catchtag.book.report import markdown
 
     assert markdown(str(tmp_path)).data == str(tmp_path)
+
+
+def test_start_checks_params_and_opens_results(results_dir):
+    from catchtag.book.report import start
+    from catchtag.errors import CatchtagError
+
+    params, res = start("probing", model="smollm2-135m", compare="", eps=0.2, remote=False,
+                        max_heads="6", _types={"max_heads": int})
+    assert params["max_heads"] == 6 and res.models == ["smollm2-135m"] and res.chapter == "probing"
+    with pytest.raises(CatchtagError, match="local models only"):
+        start("probing", model="smollm2-135m", remote="local", local_only=True)
+    with pytest.raises(CatchtagError, match="eps"):
+        start("probing", model="smollm2-135m", eps=1.5)
+    _, res = start("minimal", seed=0, models=["two-layer-attention"])
+    assert res.models == ["two-layer-attention"]

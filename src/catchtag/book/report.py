@@ -292,6 +292,11 @@ class Results:
         for quantity, value in values.items():
             self.put(model, quantity, value, specs.get(quantity, ""))
 
+    @property
+    def models(self) -> list[str]:
+        """The run's model names in slot order, the absent second model left out."""
+        return [n for n in self.names.values() if n]
+
     def get(self, model, quantity: str, default=None):
         if model is None:
             return self.shared.get(quantity, default)
@@ -363,3 +368,23 @@ def read_results(chapter: str, folder: str | os.PathLike | None = None) -> dict 
     for slot in absent:  # an absent model's numbers are None (shown as n/a), not missing
         out.update({f"{slot}_{k[3:]}": None for k in list(out) if k.startswith("m1_")})
     return out
+
+
+def start(chapter: str, _types: dict | None = None, local_only: bool = False, models=None, **params):
+    """A chapter's first call: check its parameters (`catchtag.book.params.check_params`, one-line
+    CatchtagError on the first bad one), refuse `remote` when the chapter runs local models only,
+    and open its `Results`. Returns `(params, res)`: the normalised parameters (a chapter does
+    `globals().update(params)`) and the run's `Results`, whose `res.models` lists the model names.
+
+    `models`: the models the results are filed under (default: the `model` and `compare`
+    parameters); `_types`: declared types of the chapter's own parameters.
+    """
+    from ..errors import CatchtagError
+    from .params import check_params
+
+    params = check_params(_types=_types, **params)
+    if local_only and params.get("remote"):
+        raise CatchtagError(f"the {chapter} chapter runs local models only: set remote=False")
+    if models is None:
+        models = [params.get("model"), params.get("compare", "")]
+    return params, Results(chapter, params, models)
