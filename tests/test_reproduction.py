@@ -129,3 +129,12 @@ def test_start_checks_params_and_opens_results(results_dir):
         start("probing", model="smollm2-135m", eps=1.5)
     _, res = start("minimal", seed=0, models=["two-layer-attention"])
     assert res.models == ["two-layer-attention"]
+
+
+def test_public_params_drops_secrets_not_lengths(monkeypatch):
+    from catchtag.book.report import public_params
+
+    monkeypatch.setenv("NDIF_API_KEY", "sk-abcdef")
+    kept = public_params({"chunk_tokens": 512, "api_key": "x", "hf_token": "y", "apikey": "z",
+                          "password": "p", "model": "sk-abcdef", "eps": 0.2})
+    assert kept == {"chunk_tokens": 512, "eps": 0.2}

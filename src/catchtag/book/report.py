@@ -78,13 +78,21 @@ def _secret_values() -> list[str]:
     return [v for k, v in os.environ.items() if k == "NDIF_API_KEY" and v and len(v) >= 4]
 
 
+def _secret_name(name) -> bool:
+    """True when a part of the name (split at "_" or "-") is, or ends with, key, token, secret or
+    password (`api_key`, `hf_token`, `apikey`), not when a word merely contains one
+    (`chunk_tokens` is a length, not a secret)."""
+    parts = str(name).lower().replace("-", "_").split("_")
+    return any(p.endswith(w) for p in parts for w in SECRET_WORDS)
+
+
 def public_params(params: dict) -> dict:
-    """The parameters without any whose name contains key, token, secret or password, and without
-    any whose value is the NDIF API key."""
+    """The parameters without any whose name names a secret (`_secret_name`), and without any whose
+    value is the NDIF API key."""
     secrets = _secret_values()
     return {
         k: v for k, v in params.items()
-        if not any(w in str(k).lower() for w in SECRET_WORDS) and not (isinstance(v, str) and v in secrets)
+        if not _secret_name(k) and not (isinstance(v, str) and v in secrets)
     }
 
 
