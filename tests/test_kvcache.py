@@ -248,3 +248,130 @@ def test_comparison_text_marks_a_vacuous_sink_comparison():
     assert comparison_text("random_sinks", "1.00× [1.00, 1.00]", 0.02).startswith("not testable")
     assert comparison_text("random_sinks", "1.02× [0.98, 1.06]", 3.2) == "1.02× [0.98, 1.06]"
     assert comparison_text("window_streaming", "3.04× [2.67, 3.46]", 0.0) == "3.04× [2.67, 3.46]"
+
+
+# --------------------------------------------------------------------------------------------------
+# Shared forwards (issue 18) on a tiny random Llama: exact up to float rounding
+
+
+def _tiny_llama(seed=0):
+    from types import SimpleNamespace
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    hf = LlamaForCausalLM(cfg).eval()
+    hf.set_attn_implementation("sdpa")
+    return SimpleNamespace(hf=hf)
+
+
+def test_full_pass_cache_is_every_budget_prefix():
+    m = _tiny_llama()
+    ids = list(np.random.default_rng(0).integers(0, 50, 40))
+    logits, scores, cache = kv.full_pass(m, ids, keep_cache=True)
+    l2, s2 = kv.full_pass(m, ids)
+    assert torch.equal(logits, l2) and torch.equal(torch.nan_to_num(scores), torch.nan_to_num(s2))
+    pre = kv.cache_prefix(cache, 12)
+    ref = kv.prefix_cache(m, ids, 12)
+    for a, b in zip(pre.layers, ref.layers):
+        assert a.keys.shape[-2] == 12 and torch.allclose(a.keys, b.keys, atol=1e-5)
+        assert torch.allclose(a.values, b.values, atol=1e-5)
+    assert cache.layers[0].keys.shape[-2] == 40           # the full cache is not changed
+    with pytest.raises(CatchtagError, match="fewer than"):
+        kv.cache_prefix(pre, 13)
+
+
+def test_first_difference():
+    a = torch.tril(torch.ones(6, 6, dtype=torch.bool))
+    b = a.clone()
+    assert kv.first_difference(a, b) == 6
+    b[4, 1] = False
+    assert kv.first_difference(a, b) == 4
+
+
+def test_policy_nll_shares_forwards_and_equals_one_pass_per_policy():
+    """Identical policies share their numbers; a policy equal to another up to query d starts there
+    from that policy's cache; both give the numbers of one masked pass per policy (1e-5)."""
+    m = _tiny_llama()
+    T, B = 48, 12
+    ids = list(np.random.default_rng(1).integers(0, 50, T))
+    _, _, cache = kv.full_pass(m, ids, keep_cache=True)
+    window = kv.policy_rows("window", T, B)
+    stream = kv.policy_rows("streaming", T, B)
+    late = kv.Kept("late", B, window.rows.clone())        # the window until query 30, then keeps key 0
+    for i in range(30, T):
+        late.rows[i] = False
+        late.rows[i, 0] = True
+        late.rows[i, i - B + 2: i + 1] = True
+    kept = {"window": window, "streaming": stream, "copy": kv.Kept("copy", B, window.rows.clone()), "late": late}
+    assert kv.first_difference(window.rows, late.rows) == 30
+    got = kv.policy_nll(m, ids, kept, B, cache)
+    assert got["copy"] is got["window"]
+    prefix = kv.prefix_cache(m, ids, B)
+    for p, k in kept.items():
+        ref = kv.nll(kv.masked_logits(m, ids, k.rows, B, prefix), ids, B)
+        assert got[p].shape == (T - B - 1,)
+        assert torch.allclose(got[p], ref, rtol=1e-5, atol=1e-5), p
+    assert not torch.allclose(got["late"], got["window"])
+
+
+def test_budgets_accept_a_list_or_a_comma_string_with_one_clear_error():
+    assert kv.parse_budgets([256, 64, 128], 512) == [64, 128, 256]
+    assert kv.parse_budgets((64,), 512) == [64]
+    assert kv.parse_budgets("[64, 128]", 512) == [64, 128]     # a list given through -p
+    assert kv.parse_budgets(64, 512) == [64]                    # -p budgets 64 gives an int
+    for bad in ("64,abc", [64, "x"], [64.5], None, {"a": 1}):
+        with pytest.raises(CatchtagError, match=r"budgets = \[64, 128\].*-p budgets 64,128"):
+            kv.parse_budgets(bad, 512)
+
+
+# --------------------------------------------------------------------------------------------------
+# What the chapter shows, from synthetic records (numbers checked by hand)
+
+
+def _records():
+    """Two chunks, one budget (8); window doubles the perplexity of streaming; sinks = random."""
+    rows = []
+    for c, base in enumerate((10.0, 20.0)):
+        for p, f in (("window", 4.0), ("streaming", 2.0), ("sinks", 1.5), ("random", 1.5), ("punct_random", 1.5)):
+            rows.append(dict(budget=8, policy=p, ppl=base * f, ppl_full=base, sink_share=0.1 if p == "sinks" else 0.05,
+                             n_protected=3.0 if p != "window" else 0.0, chunk=c))
+    return rows
+
+
+def test_model_quantities_by_hand():
+    values, specs = kv.model_quantities(_records())
+    assert values["ppl_window_8"] == pytest.approx(math.sqrt(40 * 80)) and specs["ppl_window_8"] == ".1f"
+    assert values["ppl_full"] == pytest.approx(math.sqrt(200))
+    assert values["window_streaming_8_ratio"] == pytest.approx(2.0)
+    assert values["window_streaming_8"].startswith("2.00×")     # zero spread: interval [2.00, 2.00]
+    assert values["random_sinks_8_ratio"] == pytest.approx(1.0)
+    assert values["n_sinks_kept"] == pytest.approx(2.0)
+    assert values["random_sinks_small"].startswith("1.00×")
+    assert values["sinks_share_sinks"] == pytest.approx(0.1) and specs["sinks_share_sinks"] == ".0%"
+    assert len(values["records"]) == 10 and len(values["summary"]) == 5
+
+
+def test_verdict_and_tables_by_hand():
+    rows = _records()
+    rows[0]["ppl"] = 42.0                # window / streaming: 2.1 and 2.0, t interval (df 1) above 1
+    assert kv.verdict([rows]) == "reproduced"
+    assert kv.verdict([rows, [dict(r, ppl=r["ppl"] / 4) if r["policy"] == "window" else r for r in rows]]) == "partly"
+    t = kv.perplexity_table({"M": kv.summarize(rows)})
+    assert t.index.names == ["model", "budget", "policy"] and len(t) == 5
+    assert t.loc[("M", 8, kv.POLICY_LABELS["streaming"]), "nothing evicted"] == f"{math.sqrt(200):.1f}"
+    r = kv.ratio_table({"M": rows})
+    assert list(r.columns) == [8] and len(r) == len(kv.COMPARISONS)
+    assert r.loc[("M", kv.COMPARISON_LABELS["random_sinks"]), 8].startswith("1.00×")
+
+
+def test_ratio_curves_offsets_and_errors():
+    s = kv.summarize(_records())
+    curves = kv.ratio_curves(s, spread=0.1)
+    assert list(curves) == list(kv.POLICIES)
+    x, ratio, err = curves["window"]
+    assert x[0] == pytest.approx(8 * 0.8) and ratio[0] == pytest.approx(4.0)
+    assert err.shape == (2, 1) and np.allclose(err, 0)        # no spread over chunks
+    assert curves["sinks"][0][0] == pytest.approx(8.0)

@@ -228,3 +228,52 @@ def test_edited_capture_keeps_sink_logits_on_gpt_oss():
     finally:
         handle.remove()
     assert torch.allclose(logits[1], hooked, atol=1e-5) and not torch.allclose(logits[1], logits[0], atol=1e-3)
+
+
+# --------------------------------------------------------------------------------------------------
+# The chapter's steps (issue 14): planted model and numbers by hand
+
+
+def test_scan_and_release_run_on_the_planted_model(planted):
+    """`scan` is capture + sink_stats + dot_sinks + choose_dot_sinks; `release_run` runs the test
+    only with enough passages; the quantities the chapter glues come out of both."""
+    from catchtag.release import release_quantities, release_run, scan, scan_quantities
+
+    m, cap, st = planted
+    run = scan(m, [PLANTED_TEXT, PLANTED_TEXT], batch_size=2)
+    assert len(run["caps"]) == 2 and torch.allclose(run["caps"][1].attn_inputs[0].q, cap.attn_inputs[0].q, atol=1e-5)
+    assert list(run["chosen"].position) == [DOT, DOT] and run["chosen"].heads.iloc[0] == [(0, 0)]
+    values, specs = scan_quantities(run["chosen"], min_prompts=3)
+    assert values == dict(n_with_sink=2, heads_per_prompt=1.0, first_edit_layer_median=0.0, tested="no")
+    assert specs["heads_per_prompt"] == ".1f"
+    assert release_run(run, min_prompts=3) == dict(effects=None, per_head=None, summary=None)
+    none, _ = release_quantities(dict(effects=None, summary=None), 2)
+    assert none["finding"] == "untested" and none["shift_removed"] is None and none["shift_removed_ci"] == "n/a"
+    run.update(release_run(run, min_prompts=2, progress=False))
+    values, specs = release_quantities(run, 2)
+    e = run["effects"]
+    assert values["shift_removed"] == pytest.approx(e[e.condition == "removed"]["shift"].mean())
+    assert values["dloss_removed_minus_random"] == pytest.approx(
+        (e[e.condition == "removed"].dloss.to_numpy() - e[e.condition == "random"].dloss.to_numpy()).mean())
+    assert values["shift_removed_ci"].startswith("[") and specs["shift_removed"] == ".3f"
+    assert values["clean_loss"] == pytest.approx(e.clean_loss.mean())
+
+
+def test_catching_grid_points_and_later_head_grids_by_hand():
+    from catchtag.release import catching_grid, contrast_names, later_head_grids, quantity_key, summary_points
+
+    chosen = pd.DataFrame(dict(prompt=[0, 1], position=[3, 4], token=[".", "."], n_heads=[2, 1],
+                               heads=[[(0, 1), (1, 0)], [(0, 1)]]))
+    g = catching_grid(chosen, 2, 2)
+    assert g.tolist() == [[0, 2], [1, 0]]
+    assert quantity_key("shift", "swap first - random") == "shift_swap_first_minus_random"
+    assert len(contrast_names()) == 2 * len(CONDITIONS) - 1
+    s = pd.DataFrame([dict(measure="shift", contrast="removed", mean=0.5, low=0.4, high=0.6, n=3),
+                      dict(measure="shift", contrast="removed - random", mean=0.1, low=0.0, high=0.2, n=3),
+                      dict(measure="dloss", contrast="random", mean=1.0, low=0.9, high=1.1, n=3)])
+    assert summary_points(s, "shift") == [("removed", 0.5, 0.4, 0.6)]
+    ph = pd.DataFrame(dict(condition=["removed", "removed", "random", "random"], layer=[1, 2, 1, 2], head=[0, 0, 0, 0],
+                           prompt=[0, 0, 0, 0], dcontrast=[-0.3, 0.1, 0.05, 0.0], contrast_clean=[0.5] * 4))
+    grids, lim = later_head_grids(ph)
+    assert list(grids) == ["removed", "random"] and lim == pytest.approx(0.3)
+    assert grids["removed"].loc[0, 1] == pytest.approx(-0.3) and list(grids["random"].columns) == [1, 2]

@@ -148,10 +148,13 @@ def chunk_ids(tokenizer, text: str, n_chunks: int, chunk_tokens: int) -> list[li
 
 
 def parse_budgets(budgets, chunk_tokens: int) -> list[int]:
-    """Budgets as a sorted list of ints, from a list or a comma string ("64,128"); each must be
-    >= 2 * N_FIRST and < chunk_tokens (otherwise nothing is evicted)."""
+    """Budgets as a sorted list of ints, from a list or tuple ([64, 128], in the parameters cell), a
+    comma string ("64,128" or "[64, 128]", as `-p budgets` gives it) or one whole number; each must
+    be >= 2 * N_FIRST and < chunk_tokens (otherwise nothing is evicted). Anything else is one
+    CatchtagError that shows both accepted forms."""
+    how = "give whole numbers, as a list in the parameters cell (budgets = [64, 128]) or -p budgets 64,128"
     if isinstance(budgets, str):
-        parts = [p.strip() for p in budgets.replace(";", ",").split(",") if p.strip()]
+        parts = [p.strip() for p in budgets.strip().strip("[]()").replace(";", ",").split(",") if p.strip()]
     elif isinstance(budgets, (list, tuple)):
         parts = list(budgets)
     else:
@@ -163,10 +166,10 @@ def parse_budgets(budgets, chunk_tokens: int) -> list[int]:
         except (TypeError, ValueError):
             b = None
         if b is None or isinstance(p, bool):
-            raise CatchtagError(f"budgets={budgets!r} is not valid: give whole numbers, e.g. -p budgets 64,128,256")
+            raise CatchtagError(f"budgets={budgets!r} is not valid: {how}")
         out.append(b)
     if not out:
-        raise CatchtagError("budgets is empty: give at least one budget, e.g. -p budgets 64,128")
+        raise CatchtagError(f"budgets is empty: {how}")
     bad = [b for b in out if not 2 * N_FIRST <= b < chunk_tokens]
     if bad:
         raise CatchtagError(f"budgets {bad} are out of range: each budget must be in [{2 * N_FIRST}, "
@@ -202,13 +205,15 @@ def prefix_scores(attn: torch.Tensor, min_queries: int = MIN_QUERIES) -> torch.T
         raise CatchtagError(f"attention must be (heads, T, T), got {tuple(attn.shape)}")
     a = attn.float()
     T = a.shape[-1]
-    c = a.cumsum(dim=-2)                                   # c[h, j, k] = sum_{j' <= j} a[h, j', k]
+    c = a.cumsum(dim=-2).amax(dim=0)                       # max_h sum_{j' <= j} a[h, j', k]
     past = torch.zeros_like(c)
-    past[:, 1:, :] = c[:, :-1, :]                          # sum over queries j <= i - 1
+    past[1:, :] = c[:-1, :]                                # sum over queries j <= i - 1
     i = torch.arange(T).view(T, 1)
     k = torch.arange(T).view(1, T)
     dist = (i - k).float()
-    s = (past / dist.clamp(min=1)).amax(dim=0)
+    # the max over heads is taken before dividing by i - k > 0: x -> x / d is monotone, so this is
+    # the max of the per-head means, bit for bit, at 1/H of the divisions
+    s = past / dist.clamp(min=1)
     return torch.where(dist >= min_queries, s, torch.full_like(s, float("nan")))
 
 
@@ -221,14 +226,19 @@ def combine_scores(per_layer: Sequence[torch.Tensor]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def full_pass(model, ids: Sequence[int], min_queries: int = MIN_QUERIES):
-    """One forward with nothing evicted: (logits (T, V), scores (T, T)).
+def full_pass(model, ids: Sequence[int], min_queries: int = MIN_QUERIES, keep_cache: bool = False):
+    """One forward with nothing evicted: (logits (T, V), scores (T, T)), and with `keep_cache` a
+    third item, the `DynamicCache` of its keys and values (every policy keeps every key before its
+    budget B, so `cache_prefix(cache, B)` is the prefix each policy's pass starts from).
 
     The attention of each layer is read by a forward hook on its attention module (eager attention,
     switched on for this call) and reduced at once to `prefix_scores`, so the L x H x T x T stack
     is never held."""
+    from transformers import DynamicCache
+
     hf = model.hf
     x = torch.tensor([list(ids)])
+    cache = DynamicCache() if keep_cache else None
     scores: list[torch.Tensor] = []
 
     def hook(_module, _args, output):
@@ -241,11 +251,13 @@ def full_pass(model, ids: Sequence[int], min_queries: int = MIN_QUERIES):
     hf.set_attn_implementation("eager")
     handles = [layer.self_attn.register_forward_hook(hook) for layer in hf.model.layers]
     try:
-        logits = hf(x).logits[0]
+        logits = hf(x, cache=cache, use_cache=keep_cache).logits[0]
     finally:
         for h in handles:
             h.remove()
         hf.set_attn_implementation(previous)
+    if keep_cache:
+        return logits.float(), combine_scores(scores), cache
     return logits.float(), combine_scores(scores)
 
 
@@ -461,6 +473,73 @@ def masked_logits(model, ids: Sequence[int], rows: torch.Tensor, start: int = 0,
     return hf(x, attention_mask=eviction_mask(hf, rows, start), **kw).logits[0].float()
 
 
+def cache_prefix(cache, n: int):
+    """A new `DynamicCache` holding the first `n` positions of `cache` (every layer); `cache` is
+    not changed (a forward appends to the new one by concatenation, never in place)."""
+    from transformers import DynamicCache
+
+    out = DynamicCache()
+    for layer_idx, layer in enumerate(cache.layers):
+        if n > layer.keys.shape[-2]:
+            raise CatchtagError(f"the cache holds {layer.keys.shape[-2]} positions, fewer than {n}")
+        out.update(layer.keys[..., :n, :], layer.values[..., :n, :], layer_idx)
+    return out
+
+
+@torch.no_grad()
+def _masked_tail(model, ids: Sequence[int], rows: torch.Tensor, start: int, cache):
+    """Logits (T - start, V) of queries start..T-1 under `rows`, given `cache` (changed: it ends
+    holding every position) with the keys and values of ids[:start] computed under the same rows."""
+    hf = model.hf if hasattr(model, "hf") else model
+    T = len(ids)
+    x = torch.tensor([list(ids[start:])])
+    return hf(x, attention_mask=eviction_mask(hf, rows, start), cache=cache, use_cache=True,
+              position_ids=torch.arange(start, T).view(1, -1)).logits[0].float()
+
+
+def first_difference(a: torch.Tensor, b: torch.Tensor) -> int:
+    """The first query (row) where two kept sets (T, T) differ; T when they are equal."""
+    d = torch.nonzero((a != b).any(dim=-1))
+    return int(d[0]) if len(d) else a.shape[0]
+
+
+@torch.no_grad()
+def policy_nll(model, ids: Sequence[int], kept: dict[str, Kept], start: int, cache) -> dict[str, torch.Tensor]:
+    """`nll` of tokens start+1..T-1 under each policy's kept set, with the forwards the policies
+    share computed once (ours; exact up to float rounding):
+
+    - every policy keeps every key before `start` (its budget), so each pass starts from
+      `cache_prefix(cache, start)` of the full pass (`full_pass(..., keep_cache=True)`);
+    - a policy whose rows equal an earlier policy's has its numbers;
+    - a policy whose rows equal an earlier policy's up to query d > start (the random policies
+      match the sink policy's counts, so they keep the same keys until (c) first protects a
+      detected sink) has the same hidden states at every query before d, hence the same keys and
+      values there: its pass starts at d from that policy's cache.
+
+    Returns {policy: (T - start - 1,) nats}, in the order of `kept`."""
+    out: dict[str, torch.Tensor] = {}
+    done: dict[str, tuple[torch.Tensor, object]] = {}    # policy -> (its rows, its cache after the pass)
+    for p, k in kept.items():
+        same = next((q for q, (r, _) in done.items() if torch.equal(r, k.rows)), None)
+        if same is not None:
+            out[p] = out[same]
+            continue
+        best, d = None, start
+        for q, (r, _) in done.items():
+            dq = first_difference(r, k.rows)
+            if dq > d:
+                best, d = q, dq
+        if best is None:
+            c = cache_prefix(cache, start)
+            tail = nll(_masked_tail(model, ids, k.rows, start, c), ids, start)
+        else:
+            c = cache_prefix(done[best][1], d)
+            tail = torch.cat([out[best][: d - start], nll(_masked_tail(model, ids, k.rows, d, c), ids, d)])
+        out[p] = tail
+        done[p] = (k.rows, c)
+    return out
+
+
 def nll(logits: torch.Tensor, ids: Sequence[int], start: int) -> torch.Tensor:
     """Negative log-likelihood (nats) of token i + 1 given the logits at i, for i = start .. T - 2.
 
@@ -562,19 +641,19 @@ def run_chunk(model, ids: Sequence[int], budgets: Sequence[int], eps: float, see
     perplexity past the first B tokens ("ppl"), the full-cache perplexity on the same tokens
     ("ppl_full"), the share of kept keys that are sinks ("sink_share"), and the mean number of
     protected tokens ("n_protected"). `chunk` (the chunk's index) seeds the random policies with
-    `seed`. Cost: one eager full pass, then per budget one prefix pass of B tokens and one pass of
-    the remaining T - B queries per policy."""
-    logits, scores = full_pass(model, ids)
+    `seed`. Cost: one eager full pass (which also gives every budget's prefix), then per budget one
+    pass of the remaining T - B queries per distinct policy, shortened where a policy keeps the
+    same keys as another up to some query (`policy_nll`)."""
+    logits, scores, cache = full_pass(model, ids, keep_cache=True)
     kinds = token_kinds(model, ids)
     T = len(ids)
     out = []
     for b in budgets:
         kept = all_policies(T, b, scores, eps, kinds, seed, sink_share, stream=chunk)
         base = nll(logits, ids, b)
-        prefix = prefix_cache(model, ids, b)
+        nlls = policy_nll(model, ids, kept, b, cache)
         for p, k in kept.items():
-            lg = masked_logits(model, ids, k.rows, b, prefix)
-            out.append(dict(budget=b, policy=p, ppl=float(nll(lg, ids, b).mean().exp()),
+            out.append(dict(budget=b, policy=p, ppl=float(nlls[p].mean().exp()),
                             ppl_full=float(base.mean().exp()),
                             sink_share=sink_share_of_kept(k.rows, scores, eps, b),
                             n_protected=float(np.mean(k.n_protected[b:]))))
@@ -655,3 +734,135 @@ def sinks_matter_verdict(intervals: Sequence[tuple[float, float]]) -> str:
         return "pending"
     above = [lo > 0 for lo, _ in ok]
     return "reproduced" if all(above) else "partly" if any(above) else "not reproduced"
+
+
+# --------------------------------------------------------------------------------------------------
+# What the chapter shows (tables, glued quantities, the figure's curves)
+
+COMPARISONS = {                          # quantity key: (policy a, policy b), ratio ppl(a) / ppl(b)
+    "window_streaming": ("window", "streaming"),
+    "random_sinks": ("random", "sinks"),
+    "punct_sinks": ("punct_random", "sinks"),
+    "streaming_sinks": ("streaming", "sinks"),
+}
+COMPARISON_LABELS = {
+    "window_streaming": "(a) window / (b) StreamingLLM",
+    "random_sinks": "(d) random / (c) sinks",
+    "punct_sinks": "(e) swapped punctuation / (c) sinks",
+    "streaming_sinks": "(b) StreamingLLM / (c) sinks",
+}
+POLICY_COLORS = {"window": "C3", "streaming": "C0", "sinks": "C2", "random": "C7", "punct_random": "C1"}
+
+
+def run_model(model, text: str, n_chunks: int, chunk_tokens: int, budgets: Sequence[int], eps: float,
+              seed: int = 0, sink_share: float = SINK_SHARE, show_progress: bool = True) -> list[dict]:
+    """The chapter's sweep for one loaded model: `chunk_ids` of `text`, then `run_chunk` on each
+    chunk (chunk c seeds its random policies with (seed, c)). One record per (chunk, budget,
+    policy), the `run_chunk` columns plus "chunk"."""
+    from .progress import progress
+
+    chunks = chunk_ids(model.tokenizer, text, n_chunks, chunk_tokens)
+    bar = progress(None, desc=model.name, total=len(chunks) * len(budgets) * len(POLICIES), enabled=show_progress)
+    try:
+        return [dict(r, chunk=c) for c, ids in enumerate(chunks)
+                for r in run_chunk(model, ids, budgets, eps, seed, sink_share, progress=bar, chunk=c)]
+    finally:
+        bar.close()
+
+
+def ratio_text(diff: float, lo: float, hi: float) -> str:
+    """A paired log-perplexity difference and its interval as a ratio: "1.23× [1.10, 1.37]"."""
+    return f"{np.exp(diff):.2f}× [{np.exp(lo):.2f}, {np.exp(hi):.2f}]"
+
+
+def comparisons(rows) -> dict:
+    """`paired` for every comparison of `COMPARISONS`: {key: DataFrame(budget, diff, lo, hi)}."""
+    return {key: paired(rows, a, b) for key, (a, b) in COMPARISONS.items()}
+
+
+def model_quantities(rows) -> tuple[dict, dict]:
+    """Every quantity the chapter shows for one model, from its `run_model` records, as (values,
+    format specs) for `Results.put_all`:
+
+    - "records", "summary" (`summarize`): the raw tables;
+    - "ppl_{policy}_{B}" and "share_{policy}_{B}": geometric-mean perplexity and share of kept keys
+      that are sinks, per policy and budget; "ppl_full": perplexity with nothing evicted (mean over
+      budgets of the per-budget geometric means, as the page shows it);
+    - per comparison key of `COMPARISONS` and budget B: "{key}_{B}" the ratio text with its 95%
+      interval (`ratio_text`), "{key}_{B}_ratio" the ratio; "{key}_small": the smallest budget's
+      text, or "not testable: ..." for the sink comparisons when (c) kept too few sinks
+      (`comparison_text`);
+    - "n_sinks_kept": detected sinks (c) protects beside the first token, mean over budgets and
+      chunks; "sinks_share_{sinks,window,random}": mean share of kept keys that are sinks."""
+    import pandas as pd
+
+    s = summarize(rows)
+    values: dict = {"records": pd.DataFrame(rows), "summary": s}
+    specs: dict = {}
+    for r in s.itertuples():
+        b = int(r.budget)
+        values[f"ppl_{r.policy}_{b}"], specs[f"ppl_{r.policy}_{b}"] = float(r.ppl), ".1f"
+        values[f"share_{r.policy}_{b}"], specs[f"share_{r.policy}_{b}"] = float(r.sink_share), ".0%"
+    values["ppl_full"], specs["ppl_full"] = float(s.ppl_full.mean()), ".1f"
+    n_kept = float(s[s.policy == "sinks"].n_protected.mean() - 1)
+    for key, df in comparisons(rows).items():
+        for r in df.itertuples():
+            values[f"{key}_{int(r.budget)}"] = ratio_text(r.diff, r.lo, r.hi)
+            values[f"{key}_{int(r.budget)}_ratio"] = float(np.exp(r.diff))
+            specs[f"{key}_{int(r.budget)}_ratio"] = ".2f"
+        first = df.iloc[0]
+        values[f"{key}_small"] = comparison_text(key, ratio_text(first["diff"], first["lo"], first["hi"]), n_kept)
+    values["n_sinks_kept"], specs["n_sinks_kept"] = n_kept, ".1f"
+    for p in ("sinks", "window", "random"):
+        values[f"sinks_share_{p}"] = float(s[s.policy == p].sink_share.mean())
+        specs[f"sinks_share_{p}"] = ".0%"
+    return values, specs
+
+
+def verdict(records: Sequence) -> str:
+    """`sinks_matter_verdict` over the (window, streaming) paired intervals of every model's
+    records (one list of `run_model` records per model) and every budget."""
+    intervals = [(float(r.lo), float(r.hi)) for rows in records for r in paired(rows, "window", "streaming").itertuples()]
+    return sinks_matter_verdict(intervals)
+
+
+def perplexity_table(summaries: dict):
+    """The page's table of perplexities: {model title: `summarize` frame} -> a DataFrame indexed by
+    (model, budget, policy label) with the perplexity and its interval, the perplexity with nothing
+    evicted, the share of kept keys that are sinks and the protected count, formatted."""
+    import pandas as pd
+
+    parts = []
+    for title, t in summaries.items():
+        parts.append(pd.DataFrame({
+            "model": title, "budget": t.budget, "policy": t.policy.map(POLICY_LABELS),
+            "perplexity [95% CI]": [f"{p:.1f} [{lo:.1f}, {hi:.1f}]" for p, lo, hi in zip(t.ppl, t.lo, t.hi)],
+            "nothing evicted": t.ppl_full.map("{:.1f}".format),
+            "kept keys that are sinks": t.sink_share.map("{:.0%}".format),
+            "protected tokens": t.n_protected.map("{:.1f}".format)}))
+    return pd.concat(parts).set_index(["model", "budget", "policy"])
+
+
+def ratio_table(records: dict):
+    """The page's table of paired ratios: {model title: `run_model` records} -> a DataFrame with one
+    row per (model, comparison label) and one column per budget, holding `ratio_text`."""
+    import pandas as pd
+
+    rows = [{"model": title, "comparison": COMPARISON_LABELS[key], "budget": int(r.budget),
+             "perplexity ratio [95% CI]": ratio_text(r.diff, r.lo, r.hi)}
+            for title, recs in records.items() for key, df in comparisons(recs).items() for r in df.itertuples()]
+    return pd.DataFrame(rows).pivot(index=["model", "comparison"], columns="budget", values="perplexity ratio [95% CI]")
+
+
+def ratio_curves(summary, spread: float = 0.03) -> dict:
+    """The figure's curves from one model's `summarize` frame: {policy: (x, ratio, yerr)} in
+    `POLICIES` order, x the budgets sorted and offset by a factor 1 + spread * (n - 2) for the n-th
+    policy (so the intervals do not overlap on a log axis), yerr the (2, n) distances from the ratio
+    to its interval bounds (0 where the interval is undefined)."""
+    out = {}
+    for n, p in enumerate(POLICIES):
+        d = summary[summary.policy == p].sort_values("budget")
+        x = d.budget.to_numpy() * (1 + spread * (n - 2))
+        err = np.nan_to_num(np.array([d.ratio - d.ratio_lo, d.ratio_hi - d.ratio], dtype=float))
+        out[p] = (x, d.ratio.to_numpy(), err)
+    return out

@@ -408,3 +408,109 @@ def later_head_table(per_head: pd.DataFrame) -> pd.DataFrame:
     """Mean over prompts of `dcontrast` per (condition, layer, head), and the clean contrast."""
     g = per_head.groupby(["condition", "layer", "head"])
     return g[["dcontrast", "contrast_clean"]].mean().reset_index()
+
+
+# --------------------------------------------------------------------------------------------------
+# The chapter's steps for one model, and what it shows
+
+
+CAPTURE_BATCH = 16  # prompts per capture forward (batched capture equals one at a time within 1e-5)
+
+
+def scan(model: Model, texts: Sequence[str], eps: float = DEFAULT_EPS, remote: bool | str = False,
+         batch_size: int = CAPTURE_BATCH) -> dict:
+    """Capture every passage (all layers, no residual stream; `batch_size` passages per forward),
+    its `sink_stats`, the "." sinks that catch (`dot_sinks`) and the one chosen per passage
+    (`choose_dot_sinks`). Returns {"model", "caps", "stats", "scan", "chosen"}."""
+    from .capture import capture
+    from .sinks import sink_stats
+
+    caps = capture(model, list(texts), resid=False, remote=remote, batch_size=batch_size)
+    stats = [sink_stats(c) for c in caps]
+    table = dot_sinks(caps, stats, eps)
+    return dict(model=model, caps=caps, stats=stats, scan=table, chosen=choose_dot_sinks(table))
+
+
+def catching_grid(chosen: pd.DataFrame, n_layers: int, n_heads: int) -> np.ndarray:
+    """(n_layers, n_heads) count of passages whose chosen "." catches in each head."""
+    grid = np.zeros((n_layers, n_heads))
+    for heads in chosen.heads:
+        for l, h in heads:
+            grid[l, h] += 1
+    return grid
+
+
+def scan_quantities(chosen: pd.DataFrame, min_prompts: int) -> tuple[dict, dict]:
+    """(values, format specs) for `Results.put_all` from `choose_dot_sinks`: "n_with_sink" passages
+    with a catching "."; "heads_per_prompt" mean catching heads; "first_edit_layer_median" median
+    over passages of the earliest catching layer; "tested": "yes" when n_with_sink >= min_prompts."""
+    n = len(chosen)
+    values = {
+        "n_with_sink": n,
+        "heads_per_prompt": float(chosen.n_heads.mean()) if n else float("nan"),
+        "first_edit_layer_median": float(np.median([min(l for l, _ in hs) for hs in chosen.heads])) if n else float("nan"),
+        "tested": "yes" if n >= min_prompts else "no",
+    }
+    return values, {"heads_per_prompt": ".1f", "first_edit_layer_median": ".0f"}
+
+
+def release_run(run: dict, min_prompts: int, eps: float = DEFAULT_EPS, seed: int = 0,
+               remote: bool | str = False, progress: bool = True) -> dict:
+    """`release_test` and `effect_summary` for one model's `scan`, when at least `min_prompts`
+    passages have a catching "." (else None for each). Returns {"effects", "per_head", "summary"}."""
+    if len(run["chosen"]) < min_prompts:
+        return dict(effects=None, per_head=None, summary=None)
+    effects, per_head = release_test(run["model"], run["caps"], run["stats"], run["chosen"], eps, seed, remote,
+                                     progress=progress)
+    return dict(effects=effects, per_head=per_head, summary=effect_summary(effects, seed=seed))
+
+
+def contrast_names() -> list[str]:
+    """The contrasts `effect_summary` reports: each condition, and each condition minus "random"."""
+    return list(CONDITIONS) + [f"{c} - random" for c in CONDITIONS if c != "random"]
+
+
+def quantity_key(measure: str, contrast: str) -> str:
+    """The glue name of one summary cell: "shift_removed", "dloss_removed_minus_random", ..."""
+    return f"{measure}_{contrast.replace(' - ', '_minus_').replace(' ', '_')}"
+
+
+def release_quantities(run: dict, n_chosen: int) -> tuple[dict, dict]:
+    """(values, format specs) for `Results.put_all` from one model's `release_run` result: "finding"
+    (`model_release_finding`), "release_summary" (`release_summary_text`); per measure (shift,
+    dloss, dcontrast) and contrast (`contrast_names`) the mean ("{measure}_{contrast}", None when
+    untested) and its interval text ("..._ci", "n/a" when untested); "clean_loss" and
+    "edit_norm_removed" (mean norm of the removal edit), None when untested."""
+    s, e = run["summary"], run["effects"]
+    values: dict = {"finding": model_release_finding(s), "release_summary": release_summary_text(s, n_chosen)}
+    specs: dict = {}
+    for meas in ("shift", "dloss", "dcontrast"):
+        for c in contrast_names():
+            key = quantity_key(meas, c)
+            row = None if s is None else s[(s.measure == meas) & (s.contrast == c)]
+            ok = row is not None and len(row)
+            values[key], specs[key] = (float(row["mean"].iloc[0]) if ok else None), ".3f"
+            values[key + "_ci"] = f"[{row['low'].iloc[0]:.3f}, {row['high'].iloc[0]:.3f}]" if ok else "n/a"
+    values["clean_loss"] = float(e.clean_loss.mean()) if e is not None else None
+    values["edit_norm_removed"] = float(e[e.condition == "removed"].edit_norm.mean()) if e is not None else None
+    specs.update(clean_loss=".2f", edit_norm_removed=".2f")
+    return values, specs
+
+
+def summary_points(summary: pd.DataFrame, measure: str) -> list[tuple[str, float, float, float]]:
+    """The figure's points for one measure: (condition, mean, low, high) per condition of
+    `CONDITIONS` present in `effect_summary`'s frame."""
+    out = []
+    for c in CONDITIONS:
+        row = summary[(summary.measure == measure) & (summary.contrast == c)]
+        if len(row):
+            out.append((c, *map(float, row[["mean", "low", "high"]].iloc[0])))
+    return out
+
+
+def later_head_grids(per_head: pd.DataFrame, conditions: Sequence[str] = ("removed", "random")) -> tuple[dict, float]:
+    """The figure of later heads: ({condition: DataFrame head x layer of the mean signed change of
+    the segment contrast}, the largest absolute change over them, 1.0 when all are 0)."""
+    t = later_head_table(per_head)
+    grids = {c: t[t.condition == c].pivot(index="head", columns="layer", values="dcontrast") for c in conditions}
+    return grids, float(t.dcontrast.abs().max()) or 1.0
