@@ -17,7 +17,7 @@ from pathlib import Path
 BOOK = Path(__file__).resolve().parents[1] / "book"
 CELL = re.compile(r"^```\{code-cell\}[^\n]*\n(.*?)^```\s*$", re.S | re.M)
 PLOT_NAMES = {"plt", "fig", "ax", "axes", "axs", "plots", "sns", "viewer", "cax", "cb", "cbar", "twin"}
-GLUE_CALLS = {"put", "put_all", "done", "glue", "display", "markdown", "Markdown", "print", "update"}
+GLUE_CALLS = {"put", "put_all", "done", "glue", "glue_text", "display", "markdown", "Markdown", "print", "update"}
 
 
 def cells(path: Path):

@@ -138,3 +138,11 @@ def test_public_params_drops_secrets_not_lengths(monkeypatch):
     kept = public_params({"chunk_tokens": 512, "api_key": "x", "hf_token": "y", "apikey": "z",
                           "password": "p", "model": "sk-abcdef", "eps": 0.2})
     assert kept == {"chunk_tokens": 512, "eps": 0.2}
+
+
+def test_page_tables_and_counts(results_dir):
+    write_sinks()
+    tables, counts = R.page(None)
+    assert set(tables) == {"repro_table", "repro_rules", "repro_names"}
+    assert counts["n_claims"] == sum(v for k, v in counts.items() if k != "n_claims")
+    assert all(t.startswith("|") for t in tables.values())

@@ -327,3 +327,22 @@ def needed_names() -> dict[str, list[str]]:
         out.setdefault(c.chapter, [])
         out[c.chapter] += [n for n in c.names() if n not in out[c.chapter]]
     return out
+
+
+def page(results: str | Path | None = None) -> tuple[dict[str, str], dict[str, int]]:
+    """Everything the reproduction page shows: `(tables, counts)`. `tables` maps the glue names
+    `repro_table`, `repro_rules`, `repro_names` to Markdown tables; `counts` maps `n_claims` and
+    `n_<verdict>` (spaces as underscores) to numbers of claims. Chapters are those of the book's
+    table of contents when this runs in a checkout of the book, else whatever results exist."""
+    try:
+        from .bookbuild import chapters_in_toc
+
+        in_book = chapters_in_toc()
+    except Exception:  # not in a checkout of the book (e.g. on Colab): read whatever is there
+        in_book = None
+    rows = evaluate(results, in_book)
+    tables = {"repro_table": markdown_table(rows), "repro_rules": rules_table(rows),
+              "repro_names": names_table(results)}
+    counts = {"n_" + verdict.replace(" ", "_"): n for verdict, n in tally(rows).items()}
+    counts["n_claims"] = len(rows)
+    return tables, counts
