@@ -36,6 +36,13 @@ probe on shuffled training labels, x with the tag span removed, and the residual
 
 Shortcut controls (ours): a probe that sees only the stated country (one-hot), and for sentiment
 a length probe and a bag-of-words probe.
+
+One forward pass serves both protocols on cities (`statement_features`): under causal attention
+the statement's rows inside statement + continuation are those of the statement fed alone, so the
+paper's features are read at the statement's last token from its prefix (`paper_at`). The
+paper-protocol accuracies carry a 95% Wilson interval on the test rows (`accuracy_interval`).
+The chapter's quantities are built here by name (`table1_quantities`, `faithful_quantities`,
+`sentiment_study`; format specs in `SPECS`), so the chapter only glues them.
 """
 
 from __future__ import annotations
@@ -247,7 +254,8 @@ def forward_batches(model, prompts: Sequence[str], on_batch: Callable, layers: S
     heads that read them), R[l] (B, T, d_model) the residual stream after layer l.
 
     The same numbers as `catchtag.capture.capture` (a test checks it), from the model's eager
-    attention, without nnsight's per-prompt overhead. Local models only."""
+    attention, without nnsight's per-prompt overhead; the decoder runs without its language-model
+    head (no logits are computed). Local models only."""
     from .capture import repeat_kv, tokenize
     from .progress import progress as progress_bar
 
@@ -277,7 +285,7 @@ def forward_batches(model, prompts: Sequence[str], on_batch: Callable, layers: S
             for rows in progress_bar(batches, f"forward {model.name}", enabled=progress):
                 x = torch.stack([ids[i] for i in rows])
                 store.clear()
-                hf(x, use_cache=False)
+                hf.model(x, use_cache=False)  # the decoder only: no logits are needed
                 B, T = x.shape
                 A, V, R = {}, {}, {}
                 for l in layers:
@@ -319,6 +327,51 @@ class PaperFeatures:
     resid: np.ndarray
 
 
+def _paper_arrays(n: int, L: int, H: int, dh: int, d: int) -> dict[str, np.ndarray]:
+    return {**{k: np.zeros((n, L, H, dh), np.float32) for k in ("tag", "notag", "full")},
+            "first_weight": np.zeros((n, L, H), np.float32), "self_weight": np.zeros((n, L, H), np.float32),
+            "self_sink": np.zeros((n, L, H), bool), "resid": np.zeros((n, L, d), np.float32)}
+
+
+def paper_at(A: torch.Tensor, V: torch.Tensor, pos: torch.Tensor, eps: float) -> dict[str, torch.Tensor]:
+    """The paper's decomposition (paper, via note) at token pos[b] of each prompt of a batch, from
+    the attention of a longer causal prompt: A (B, H, T, T) probabilities, V (B, H, T, d_head),
+    pos (B,) positions. Only the prefix 0..pos[b] counts, so the numbers are those of the prefix
+    fed alone (causal attention: its rows, values and the received attention of its keys, averaged
+    over the queries q <= pos[b], are the same). Returns tag, notag, full (B, H, d_head) and
+    first_weight, self_weight (B, H) shares of z_tag's weight, self_sink (B, H) bool."""
+    B, H, T, _ = A.shape
+    ar = torch.arange(B)
+    k = torch.arange(T)
+    pos = torch.as_tensor(pos, dtype=torch.long)
+    inside = k[None, :] <= pos[:, None]  # (B, T) the prefix's tokens
+    if bool(inside.all()):
+        alpha = received_paper(A)  # the whole prompt is the prefix
+    else:
+        col = (A * inside[:, None, :, None].to(A.dtype)).sum(-2)  # sum over the prefix's queries
+        alpha = col / (pos[:, None] + 1 - k[None, :]).clamp_min(1).to(A.dtype)[:, None, :]
+    sink = (alpha > eps) & inside[:, None, :]  # (B, H, T)
+    w = A[ar, :, pos, :]  # (B, H, T) the probed token's row (zero after pos: causal)
+    wt = w * sink
+    total = wt.sum(-1).clamp_min(1e-12)
+    return {"tag": torch.einsum("bhk,bhkd->bhd", wt, V), "notag": torch.einsum("bhk,bhkd->bhd", w - wt, V),
+            "full": torch.einsum("bhk,bhkd->bhd", w, V), "first_weight": wt[..., 0] / total,
+            "self_weight": wt[ar, :, pos] / total, "self_sink": sink[ar, :, pos]}
+
+
+def _paper_fill(arrays, rows, layers, A, V, R, pos, eps):
+    """Fill `_paper_arrays` rows `rows` from one batch of `forward_batches` at positions pos (B,)."""
+    ar = torch.arange(len(rows))
+    for j, l in enumerate(layers):
+        for key, val in paper_at(A[l], V[l], pos, eps).items():
+            arrays[key][rows, j] = val.numpy()
+        arrays["resid"][rows, j] = R[l][ar, pos].numpy()
+
+
+def _paper_result(layers, arrays) -> "PaperFeatures":
+    return PaperFeatures(layers, **arrays)
+
+
 def paper_features(model, prompts: Sequence[str], eps: float = 0.2, layers: Sequence[int] | None = None,
                    batch_size: int = 64, progress: bool = True) -> PaperFeatures:
     """z_tag, z_no tag and z at each prompt's last token (paper, via note; module docstring)."""
@@ -326,29 +379,13 @@ def paper_features(model, prompts: Sequence[str], eps: float = 0.2, layers: Sequ
 
     eps = check_eps(eps)
     layers = list(range(model.n_layers)) if layers is None else sorted(set(int(l) for l in layers))
-    n, L, H, dh = len(prompts), len(layers), model.n_heads, model.head_dim
-    out = {k: np.zeros((n, L, H, dh), np.float32) for k in ("tag", "notag", "full")}
-    first = np.zeros((n, L, H), np.float32)
-    selfw = np.zeros((n, L, H), np.float32)
-    selfs = np.zeros((n, L, H), bool)
-    resid = np.zeros((n, L, model.d_model), np.float32)
+    arrays = _paper_arrays(len(prompts), len(layers), model.n_heads, model.head_dim, model.d_model)
 
     def on_batch(rows, ids, A, V, R):
-        for j, l in enumerate(layers):
-            a = A[l]  # (B, H, T, T)
-            sink = received_paper(a) > eps  # (B, H, T)
-            w = a[:, :, -1, :]  # the probed token's row
-            wt = w * sink
-            out["tag"][rows, j] = torch.einsum("bhk,bhkd->bhd", wt, V[l]).numpy()
-            out["notag"][rows, j] = torch.einsum("bhk,bhkd->bhd", w - wt, V[l]).numpy()
-            out["full"][rows, j] = torch.einsum("bhk,bhkd->bhd", w, V[l]).numpy()
-            first[rows, j] = (wt[..., 0] / wt.sum(-1).clamp_min(1e-12)).numpy()
-            selfw[rows, j] = (wt[..., -1] / wt.sum(-1).clamp_min(1e-12)).numpy()
-            selfs[rows, j] = sink[..., -1].numpy()
-            resid[rows, j] = R[l][:, -1].numpy()
+        _paper_fill(arrays, rows, layers, A, V, R, torch.full((len(rows),), ids.shape[1] - 1), eps)
 
     forward_batches(model, prompts, on_batch, layers, batch_size, progress)
-    return PaperFeatures(layers, out["tag"], out["notag"], out["full"], first, selfw, selfs, resid)
+    return _paper_result(layers, arrays)
 
 
 PAPER_FEATURES = ("tag", "notag", "full")
@@ -485,13 +522,34 @@ class FaithfulFeatures:
         return (self.catch[rows] == self.boundary[rows, None, None]).mean(0)
 
 
-def faithful_features(model, statements: Sequence[str], continuation: str, eps: float = 0.2,
-                      layers: Sequence[int] | None = None, batch_size: int = 64,
-                      progress: bool = True) -> FaithfulFeatures:
-    """Feed statement + continuation, probe the last token; see the module docstring."""
-    from .sinks import caught_by, check_eps, sinks_mask, stats_from_probs
+def _faithful_arrays(n: int, L: int, H: int, dh: int, d: int) -> dict[str, np.ndarray]:
+    return {"catch": np.zeros((n, L, H), np.int64), "dot_sink": np.zeros((n, L, H), bool),
+            **{k: np.zeros((n, L, H, dh), np.float32) for k in ("v_dot", "v_first", "v_other")},
+            "x": np.zeros((n, L, d), np.float32), "x_dot": np.zeros((n, L, d), np.float32)}
 
-    eps = check_eps(eps)
+
+def _faithful_fill(arrays, rows, layers, A, V, R, p, eps):
+    """Fill `_faithful_arrays` rows `rows` from one batch of `forward_batches`; p (B,) boundaries."""
+    from .sinks import caught_by, sinks_mask, stats_from_probs
+
+    B, T = A[layers[0]].shape[0], A[layers[0]].shape[-1]
+    L, H = len(layers), A[layers[0]].shape[1]
+    ar = torch.arange(B)
+    # every layer, prompt and head at once: stats_from_probs takes any leading count of heads
+    st = stats_from_probs(torch.stack([A[l] for l in layers]).reshape(-1, T, T))
+    c = caught_by(st, eps)[:, -1].reshape(L, B, H)
+    sk = sinks_mask(st, eps).reshape(L, B, H, T)
+    arrays["catch"][rows] = c.permute(1, 0, 2).numpy()
+    arrays["dot_sink"][rows] = sk.permute(1, 0, 2, 3)[ar, :, :, p].numpy()  # (B, L, H)
+    for j, l in enumerate(layers):
+        arrays["v_dot"][rows, j] = V[l][ar, :, p].numpy()
+        arrays["v_first"][rows, j] = V[l][:, :, 0].numpy()
+        arrays["v_other"][rows, j] = V[l][ar, :, p - 1].numpy()
+        arrays["x"][rows, j] = R[l][:, -1].numpy()
+        arrays["x_dot"][rows, j] = R[l][ar, p].numpy()
+
+
+def _faithful_prompts(model, statements, continuation, layers):
     if not continuation.startswith(" "):
         raise CatchtagError("the continuation must start with a space, so the statement's tokens stay as they are")
     prompts = [s + continuation for s in statements]
@@ -499,33 +557,39 @@ def faithful_features(model, statements: Sequence[str], continuation: str, eps: 
     if (bpos < 1).any():
         raise CatchtagError("a statement of one token leaves no non-sink token before its boundary")
     layers = list(range(model.n_layers)) if layers is None else sorted(set(int(l) for l in layers))
-    n, L, H, dh, d = len(prompts), len(layers), model.n_heads, model.head_dim, model.d_model
-    catch = np.zeros((n, L, H), np.int64)
-    dsink = np.zeros((n, L, H), bool)
-    vs = {k: np.zeros((n, L, H, dh), np.float32) for k in ("dot", "first", "other")}
-    x = np.zeros((n, L, d), np.float32)
-    xd = np.zeros((n, L, d), np.float32)
+    return prompts, bpos, layers
+
+
+def faithful_features(model, statements: Sequence[str], continuation: str, eps: float = 0.2,
+                      layers: Sequence[int] | None = None, batch_size: int = 64,
+                      progress: bool = True) -> FaithfulFeatures:
+    """Feed statement + continuation, probe the last token; see the module docstring."""
+    return statement_features(model, statements, continuation, eps, layers, batch_size, progress)[1]
+
+
+def statement_features(model, statements: Sequence[str], continuation: str, eps: float = 0.2,
+                       layers: Sequence[int] | None = None, batch_size: int = 64,
+                       progress: bool = True) -> tuple[PaperFeatures, FaithfulFeatures]:
+    """One forward pass over statement + continuation serving both protocols: the paper's features
+    at the statement's last token, from the statement's prefix alone (`paper_at`; causal
+    attention makes them those of the statement fed alone, up to float rounding: a test checks
+    1e-5), and the faithful test's features at the continuation's last token. Returns
+    (PaperFeatures, FaithfulFeatures); see `paper_features` and `faithful_features`."""
+    from .sinks import check_eps
+
+    eps = check_eps(eps)
+    prompts, bpos, layers = _faithful_prompts(model, statements, continuation, layers)
+    shape = (len(prompts), len(layers), model.n_heads, model.head_dim, model.d_model)
+    paper, faithful = _paper_arrays(*shape), _faithful_arrays(*shape)
 
     def on_batch(rows, ids, A, V, R):
         rows = np.asarray(rows)
         p = torch.as_tensor(bpos[rows])
-        B, T = ids.shape
-        ar = torch.arange(B)
-        # every layer, prompt and head at once: stats_from_probs takes any leading count of heads
-        st = stats_from_probs(torch.stack([A[l] for l in layers]).reshape(-1, T, T))
-        c = caught_by(st, eps)[:, -1].reshape(L, B, H)
-        sk = sinks_mask(st, eps).reshape(L, B, H, T)
-        catch[rows] = c.permute(1, 0, 2).numpy()
-        dsink[rows] = sk.permute(1, 0, 2, 3)[ar, :, :, p].numpy()  # (B, L, H)
-        for j, l in enumerate(layers):
-            vs["dot"][rows, j] = V[l][ar, :, p].numpy()
-            vs["first"][rows, j] = V[l][:, :, 0].numpy()
-            vs["other"][rows, j] = V[l][ar, :, p - 1].numpy()
-            x[rows, j] = R[l][:, -1].numpy()
-            xd[rows, j] = R[l][ar, p].numpy()
+        _paper_fill(paper, rows, layers, A, V, R, p, eps)
+        _faithful_fill(faithful, rows, layers, A, V, R, p, eps)
 
     forward_batches(model, prompts, on_batch, layers, batch_size, progress)
-    return FaithfulFeatures(layers, catch, dsink, vs["dot"], vs["first"], vs["other"], x, xd, bpos)
+    return _paper_result(layers, paper), FaithfulFeatures(layers, boundary=bpos, **faithful)
 
 
 def head_tags(model, layer: int, head: int, v: np.ndarray) -> np.ndarray:
@@ -678,3 +742,289 @@ def faithful_verdict(results: Sequence[dict]) -> str:
         controls = ("random", "first token", "other prompt", "non-sink token", "shuffled")
         wins.append(bool(all(t.loc["tag", "low"] > t.loc[c, "high"] for c in controls)))
     return "reproduced" if all(wins) else "partly" if any(wins) else "not reproduced"
+
+
+# --------------------------------------------------------------------------------------------------
+# What the chapter shows: labels, intervals, quantities by name, tables (the chapter only glues)
+
+FEAT_LABELS = {"tag": "θ_tag", "notag": "θ_no tag", "full": "θ_activation"}
+PROBE_LABELS = {"mm": "mass-mean, no bias (GoT)", "mm_thr": "mass-mean + threshold", "logistic": "logistic",
+                "auroc": "AUROC"}
+ACCURACY_PROBES = ("mm", "mm_thr", "logistic")  # the probes scored by accuracy (AUROC is not)
+
+
+def paper_table1() -> pd.DataFrame:
+    """The paper's Table 1 (paper, via note): truth-probe accuracy (%) on cities, rows θ_tag,
+    θ_no tag, θ_activation, one column per model. Reference values, not computed here."""
+    return pd.DataFrame({"Qwen2.5-3B": [98.0, 50.0, 50.0], "Qwen2.5-7B": [94.5, 50.0, 83.0],
+                         "Qwen2.5-14B": [99.5, 50.5, 60.0], "Llama-3-8B": [99.0, 56.5, 97.0],
+                         "Llama-3.1-8B": [92.5, 50.0, 86.0]}, index=list(FEAT_LABELS.values()))
+
+
+def pct(x: float, digits: int = 1) -> str:
+    """A fraction as a percentage: pct(0.1234) == '12.3%'."""
+    return f"{100 * x:.{digits}f}%"
+
+
+def accuracy_interval(acc: float, n: int) -> tuple[float, float]:
+    """95% Wilson score interval of a held-out accuracy `acc` on n test rows (ours): k = acc * n
+    successes (rounded; acc is a share of n rows). It treats the test rows as independent draws and
+    the fitted probe as fixed, so it holds the test-sampling error only, not the variation from
+    refitting on another training split."""
+    if acc is None or not math.isfinite(acc) or n <= 0:
+        return (float("nan"), float("nan"))
+    return wilson_interval(int(round(acc * n)), n)
+
+
+def ci_text(mean: float, low: float, high: float) -> str:
+    """'m% [low%, high%]', one decimal: the form of every interval the chapter glues."""
+    return f"{mean:.1%} [{low:.1%}, {high:.1%}]"
+
+
+def accuracy_ci_text(acc: float, n: int) -> str:
+    """`ci_text` of an accuracy on n test rows with its `accuracy_interval`."""
+    return ci_text(acc, *accuracy_interval(acc, n))
+
+
+def _where_text(row, where: str, short: bool = False) -> str:
+    if short:
+        return f"L{int(row['layer'])}" + (f" H{int(row['head'])}" if where == "head" else "")
+    return f"layer {int(row['layer'])}" + (f", head {int(row['head'])}" if where == "head" else "")
+
+
+@dataclasses.dataclass
+class CitiesDesign:
+    """The cities statements' labels and splits: y (n,) 1 = true, groups (n,) city ids, the paper's
+    (train, test) split, and `splits`, the group splits of the faithful test and the controls."""
+
+    y: np.ndarray
+    groups: np.ndarray
+    train: np.ndarray
+    test: np.ndarray
+    splits: list
+
+
+def cities_design(cities: pd.DataFrame, n_train: int = 400, n_splits: int = 5, seed: int = 0) -> CitiesDesign:
+    """Labels, the paper's split (`paper_split`) and `n_splits` group splits with a third of the
+    cities held out (`group_splits`) of a `catchtag.data.cities` frame."""
+    y, groups = cities["label"].to_numpy(), cities["group"].to_numpy()
+    train, test = paper_split(groups, n_train, seed)
+    return CitiesDesign(y, groups, train, test, group_splits(groups, n_splits, test_size=1 / 3, seed=seed))
+
+
+def design_quantities(cities: pd.DataFrame, design: CitiesDesign) -> dict:
+    """The data's numbers (chapter level): n_cities, n_splits, n_train, n_test, and the country-only
+    shortcut (ours) on the paper's split (`country_only`) and over the group splits
+    (`country_only_splits`, mean and 95% t-interval as text)."""
+    short_paper = shortcut_scores(cities, [(design.train, design.test)])["country only"][0]
+    short_splits = shortcut_scores(cities, design.splits)["country only"]
+    return {"n_cities": len(cities), "n_splits": len(design.splits), "n_train": len(design.train),
+            "n_test": len(design.test), "country_only": short_paper,
+            "country_only_splits": ci_text(*mean_interval(short_splits))}
+
+
+def cities_study(model, cities: pd.DataFrame, design: CitiesDesign, continuation: str, eps: float = 0.2,
+                 min_rate: float = 0.5, max_heads: int = 6, seed: int = 0, progress: bool = True) -> dict:
+    """Both protocols on the cities statements from one forward pass (`statement_features`):
+    {"paper": `paper_probe` output (logistic at the chosen locations only) plus first_weight,
+    self_weight, self_sink (n, L, H) arrays; "faithful": `faithful_probe` output plus "rate" (L, H)
+    the share of prompts whose probed token the boundary catches; "n_test": test rows of the
+    paper's split}. The features themselves are not kept."""
+    pf, ff = statement_features(model, list(cities["text"]), continuation, eps=eps, progress=progress)
+    paper = paper_probe(pf, design.y, design.groups, design.train, design.test, seed=seed, logistic_maps=False)
+    paper.update(first_weight=pf.first_weight, self_weight=pf.self_weight, self_sink=pf.self_sink)
+    faithful = faithful_probe(model, ff, design.y, design.splits, min_rate=min_rate, max_heads=max_heads, seed=seed)
+    faithful["rate"] = ff.catch_rate()
+    return {"paper": paper, "faithful": faithful, "n_test": len(design.test)}
+
+
+def paper_quantities(table: pd.DataFrame, n_test: int, prefix: str = "cities", layers: bool = True) -> dict:
+    """The paper-protocol numbers of one model by quantity name, from `paper_probe`'s table:
+    `{prefix}_{feature}` the paper's probe (mass-mean, no bias), `{prefix}_{feature}_{probe}` for
+    mm_thr, logistic and auroc, `{prefix}_{feature}_where`, and the 95% Wilson intervals of the
+    accuracies on the n_test test rows as text (`{prefix}_{feature}_ci`, `..._mm_thr_ci`,
+    `..._logistic_ci`; `accuracy_interval`); with `layers`, the same for the heads-concatenated
+    rows under `{prefix}_L_...`."""
+    t = table.set_index(["feature", "where"])
+    out = {}
+    for where, pre in (("head", prefix), ("layer", prefix + "_L")) if layers else (("head", prefix),):
+        for f in FEAT_LABELS:
+            r = t.loc[(f, where)]
+            for p in PAPER_PROBES:
+                key = f"{pre}_{f}" + ("" if p == "mm" else f"_{p}")
+                out[key] = float(r[p])
+                if p in ACCURACY_PROBES:
+                    out[key + "_ci"] = accuracy_ci_text(float(r[p]), n_test)
+            out[f"{pre}_{f}_where"] = _where_text(r, where)
+    return out
+
+
+def table1_quantities(study: dict) -> dict:
+    """One model's quantities of the paper's protocol on cities (`cities_study` output):
+    `paper_quantities`, the near-chance reading of θ_no tag (`notag_reading`), and where z_tag's
+    weight lies: `first_weight` and `self_weight` (mean share on the first token and on the probed
+    token itself, at θ_tag's chosen head), `first_weight_all` (over every head), `self_sink` (share
+    of (prompt, layer, head) where the probed token is its own sink)."""
+    p = study["paper"]
+    t = p["table"].set_index(["feature", "where"])
+    out = paper_quantities(p["table"], study["n_test"])
+    r = t.loc[("notag", "head")]
+    out["notag_reading"] = near_chance_reading(r["mm"], r["mm_thr"], r["logistic"], r["auroc"])
+    r = t.loc[("tag", "head")]
+    li, hi = int(r["layer"]), int(r["head"])  # every layer is captured: layer = index
+    out["first_weight"] = float(np.mean(p["first_weight"][:, li, hi]))
+    out["self_weight"] = float(np.mean(p["self_weight"][:, li, hi]))
+    out["first_weight_all"] = float(np.mean(p["first_weight"]))
+    out["self_sink"] = float(p["self_sink"].mean())
+    return out
+
+
+def ours_table(studies: dict, where: str = "head") -> pd.DataFrame:
+    """The Table-1 analogue (ours): rows θ_tag, θ_no tag, θ_activation; per model (`cities_study`
+    outputs by model name) a column per probe of `PROBE_LABELS`, accuracies in % with their 95%
+    Wilson interval on the test rows ("98.5 [95.7, 99.5]"), AUROC as a fraction, and the location
+    ("L3 H2"; "L3" for where="layer", heads concatenated)."""
+    cols = {}
+    for name, study in studies.items():
+        t = study["paper"]["table"].set_index(["feature", "where"])
+        for p, label in PROBE_LABELS.items():
+            cells = []
+            for f in FEAT_LABELS:
+                v = float(t.loc[(f, where), p])
+                if p == "auroc":
+                    cells.append(f"{v:.2f}")
+                else:
+                    lo, hi = accuracy_interval(v, study["n_test"])
+                    cells.append(f"{100 * v:.1f} [{100 * lo:.1f}, {100 * hi:.1f}]")
+            cols[(name, label)] = cells
+        cols[(name, "where")] = [_where_text(t.loc[(f, where)], where, short=True) for f in FEAT_LABELS]
+    return pd.DataFrame(cols, index=list(FEAT_LABELS.values()))
+
+
+def head_map(study: dict, feature: str, probe: str = "mm_thr") -> tuple[np.ndarray, tuple[int, int]]:
+    """(L, H) test score of `probe` on `feature` per (layer, head) from a `cities_study`, and the
+    (layer, head) chosen on the training rows for that feature."""
+    r = study["paper"]["table"].set_index(["feature", "where"]).loc[(feature, "head")]
+    return study["paper"]["maps"][(feature, probe)], (int(r["layer"]), int(r["head"]))
+
+
+def compare_ci(table: pd.DataFrame, a: str, b: str) -> str:
+    """'above', 'below' or 'level with': whether probe a's interval clears probe b's (table indexed
+    by probe, columns low and high) (ours)."""
+    if table.loc[a, "low"] > table.loc[b, "high"]:
+        return "above"
+    return "below" if table.loc[a, "high"] < table.loc[b, "low"] else "level with"
+
+
+FAITHFUL_COMPARED = ("random", "non-sink token", "residual at '.'")  # controls θ_tag is compared with in the prose
+
+
+def faithful_quantities(faithful: dict) -> dict:
+    """One model's faithful-test quantities from a `faithful_probe` output with its "rate":
+    faithful_max_rate, faithful_applies ("applies" / "does not apply"), faithful_heads (the first
+    split's heads, "L3H2, ..." or "none"), faithful_{probe} (mean accuracy) and faithful_{probe}_ci
+    (mean and 95% t-interval as text) per `FAITHFUL_PROBES`, and faithful_tag_vs_{control}
+    (`compare_ci`) for `FAITHFUL_COMPARED`; None where the probe does not apply."""
+    applies = bool(faithful["applies"])
+    t = faithful["table"].set_index("probe") if applies else None
+    out = {"faithful_max_rate": float(np.max(faithful["rate"])),
+           "faithful_applies": "applies" if applies else "does not apply",
+           "faithful_heads": ", ".join(f"L{l}H{h}" for l, h in faithful["heads"][0]) or "none"}
+    for p in FAITHFUL_PROBES:
+        key = "faithful_" + probe_key(p)
+        out[key] = float(t.loc[p, "mean"]) if applies else None
+        out[key + "_ci"] = ci_text(*t.loc[p, ["mean", "low", "high"]]) if applies else None
+    for other in FAITHFUL_COMPARED:
+        out["faithful_tag_vs_" + probe_key(other)] = compare_ci(t, "tag", other) if applies else None
+    return out
+
+
+def faithful_bars(studies: dict) -> dict[str, pd.DataFrame]:
+    """Per model where the faithful probe applies (`cities_study` outputs by name), its table
+    indexed by probe in `FAITHFUL_PROBES` order (columns mean, low, high): a bar chart's data."""
+    return {name: s["faithful"]["table"].set_index("probe").loc[list(FAITHFUL_PROBES)]
+            for name, s in studies.items() if s["faithful"]["applies"]}
+
+
+def faithful_ci_table(studies: dict) -> pd.DataFrame:
+    """The faithful test's mean and 95% t-interval per probe (rows) and model where it applies."""
+    return pd.DataFrame({name: [ci_text(*t.loc[p, ["mean", "low", "high"]]) for p in FAITHFUL_PROBES]
+                         for name, t in faithful_bars(studies).items()}, index=list(FAITHFUL_PROBES))
+
+
+SENTIMENT_SHARED = ("sentiment_source", "sentiment_length", "sentiment_bow", "sentiment_n_test")
+
+
+def sentiment_quantities(table: pd.DataFrame | None, n_test: int) -> dict:
+    """One model's sentiment numbers (paper's protocol, the head rows): sentiment_{feature} (the
+    paper's probe), sentiment_{feature}_logistic, and their 95% Wilson intervals on the n_test test
+    snippets as text (..._ci); all None when `table` is None (sentiment not run)."""
+    out = {}
+    for f in FEAT_LABELS:
+        for p, suffix in (("mm", ""), ("logistic", "_logistic")):
+            key = f"sentiment_{f}{suffix}"
+            v = None if table is None else float(table.set_index(["feature", "where"]).loc[(f, "head"), p])
+            out[key] = v
+            out[key + "_ci"] = None if v is None else accuracy_ci_text(v, n_test)
+    return out
+
+
+def sentiment_rows(name: str, table: pd.DataFrame, n_test: int) -> list[dict]:
+    """Rows of the sentiment table for one model: probe, location, each `PROBE_LABELS` score (accuracy
+    with its 95% Wilson interval on the n_test test snippets, AUROC as a fraction)."""
+    t = table.set_index(["feature", "where"])
+    rows = []
+    for f, label in FEAT_LABELS.items():
+        r = t.loc[(f, "head")]
+        cells = {PROBE_LABELS[p]: f"{r[p]:.2f}" if p == "auroc" else accuracy_ci_text(float(r[p]), n_test)
+                 for p in PROBE_LABELS}
+        rows.append({"model": name, "probe": label, "where": _where_text(r, "head", short=True), **cells})
+    return rows
+
+
+def sentiment_study(models: Sequence[str], n: int, eps: float = 0.2, seed: int = 0, load=None,
+                    progress: bool = True) -> tuple[dict, pd.DataFrame | None]:
+    """The paper's protocol on n sentiment snippets (`catchtag.data.sentiment`; the snippet alone,
+    its last token probed; a third of the movies held out), beside the length and bag-of-words
+    baselines. Returns ({None: chapter-level quantities (`SENTIMENT_SHARED`), model name:
+    `sentiment_quantities`}, the table of `sentiment_rows` indexed by (model, probe)); with n = 0
+    every quantity is None and the table is None. `load` loads a model by name (default
+    `catchtag.models.load_model`)."""
+    if not n:
+        return {None: dict.fromkeys(SENTIMENT_SHARED),
+                **{name: sentiment_quantities(None, 0) for name in models}}, None
+    from . import data
+
+    if load is None:
+        from .models import load_model as load
+    sent = data.sentiment(n, seed=seed)
+    ys, gs = sent["label"].to_numpy(), sent["group"].to_numpy()
+    s_train, s_test = group_split(gs, 1 / 3, seed)
+    base = shortcut_scores(sent, [(s_train, s_test)])
+    out = {None: {"sentiment_source": sent.attrs["source"], "sentiment_length": base["length"][0],
+                  "sentiment_bow": base["bag of words"][0], "sentiment_n_test": len(s_test)}}
+    rows = []
+    for name in models:
+        sf = paper_features(load(name), list(sent["text"]), eps=eps, progress=progress)
+        t = paper_probe(sf, ys, gs, s_train, s_test, seed=seed, logistic_maps=False)["table"]
+        out[name] = sentiment_quantities(t, len(s_test))
+        rows += sentiment_rows(name, t, len(s_test))
+        del sf
+    return out, pd.DataFrame(rows).set_index(["model", "probe"])
+
+
+def _specs() -> dict[str, str]:
+    specs = {"n_cities": ",", "n_train": ",", "n_test": ",", "sentiment_n_test": ",", "country_only": ".1%",
+             "sentiment_length": ".1%", "sentiment_bow": ".1%", "min_rate": ".0%", "faithful_max_rate": ".0%",
+             "first_weight": ".1%", "self_weight": ".1%", "first_weight_all": ".1%", "self_sink": ".1%"}
+    for pre in ("cities", "cities_L"):
+        for f in FEAT_LABELS:
+            specs.update({f"{pre}_{f}": ".1%", f"{pre}_{f}_mm_thr": ".1%", f"{pre}_{f}_logistic": ".1%",
+                          f"{pre}_{f}_auroc": ".2f"})
+    for f in FEAT_LABELS:
+        specs.update({f"sentiment_{f}": ".1%", f"sentiment_{f}_logistic": ".1%"})
+    specs.update({"faithful_" + probe_key(p): ".1%" for p in FAITHFUL_PROBES})
+    return specs
+
+
+SPECS = _specs()  # format spec of each numeric quantity the chapter glues (text quantities: none)

@@ -156,20 +156,20 @@ CLAIMS: list[Claim] = [
           Rule("verdict", ("verdict_release",)), "ours (prompt-dependent '.' sinks, edits vs random)"),
     Claim("probe_truth", "§4, Table 1", "A probe on the tag alone (θ_tag) tells true from false (cities)",
           "92.5%–99.5% over five models", "probing", "What the paper says / what we see",
-          "paper's protocol (final \".\", mass-mean, no bias): {m1_model}: {m1_cities_tag:.1%} (logistic "
-          "{m1_cities_tag_logistic:.1%}); {m2_model}: {m2_cities_tag:.1%} (logistic {m2_cities_tag_logistic:.1%}); "
+          "paper's protocol (final \".\", mass-mean, no bias; 95% Wilson interval): {m1_model}: {m1_cities_tag_ci} (logistic "
+          "{m1_cities_tag_logistic:.1%}); {m2_model}: {m2_cities_tag_ci} (logistic {m2_cities_tag_logistic:.1%}); "
           "country-only control {country_only:.1%}. Faithful test (ours, \".\" tags at a later token): "
           "{m1_model} {m1_faithful_applies}, θ_tag {m1_faithful_tag_ci}; {m2_model} {m2_faithful_applies}; "
           "verdict {verdict_faithful}",
           Rule("at_least", ("m1_cities_tag", "m2_cities_tag"), 0.925), "paper, via note (+ ours)"),
     Claim("probe_notag", "§4, Table 1", "With the tag removed (θ_no tag) the probe is near chance",
           "near chance", "probing", "What the paper says / what we see",
-          "paper's protocol: {m1_model}: {m1_cities_notag:.1%} ({m1_notag_reading}); "
-          "{m2_model}: {m2_cities_notag:.1%} ({m2_notag_reading})",
+          "paper's protocol: {m1_model}: {m1_cities_notag_ci} ({m1_notag_reading}); "
+          "{m2_model}: {m2_cities_notag_ci} ({m2_notag_reading})",
           Rule("verdict", ("verdict_notag",)), "paper, via note; reading: ours"),
     Claim("probe_sentiment", "App., Table 7", "θ_tag tells positive from negative sentiment",
           "86.5%–94.0%", "probing", "What the paper says / what we see",
-          "paper's protocol: {m1_model}: {m1_sentiment_tag:.1%}; {m2_model}: {m2_sentiment_tag:.1%}; "
+          "paper's protocol: {m1_model}: {m1_sentiment_tag_ci}; {m2_model}: {m2_sentiment_tag_ci}; "
           "bag of words {sentiment_bow:.1%}",
           Rule("at_least", ("m1_sentiment_tag", "m2_sentiment_tag"), 0.865), "paper, via note"),
     Claim("reasoning", "§5, Fig. 5", "Reasoning distillation raises the sinks per head",
