@@ -603,22 +603,20 @@ def construction_sweep(scales, lengths, dim: int = 8, n: int = 2000, seed: int =
     catch scores and the layer-2 scores of the tags together): one row per (T, scale) with `worst`
     (the largest ||model(x) - target|| / max_j ||c_j|| over `n` sequences, in float64), `rms`
     (root-mean-square error) and `bound` (`construction_bound`). Returns a pandas DataFrame. One
-    length per job of `map_runs` (one thread each: the same numbers for any `workers`)."""
+    (length, scale) per job of `map_runs` (one thread each: the same numbers for any `workers`)."""
     import pandas as pd
 
-    jobs = [dict(T=int(T), scales=[float(a) for a in scales], dim=dim, n=n, seed=seed) for T in lengths]
-    return pd.DataFrame([row for rows in map_runs(_sweep_job, jobs, workers) for row in rows])
+    jobs = [dict(T=int(T), scale=float(a), dim=dim, n=n, seed=seed) for T in lengths for a in scales]
+    return pd.DataFrame(map_runs(_sweep_job, jobs, workers))
 
 
-def _sweep_job(job: dict) -> list[dict]:
-    T, dim = job["T"], job["dim"]
+def _sweep_job(job: dict) -> dict:
+    """One row of `construction_sweep`: the same `n` sequences (drawn from `seed`) for every scale."""
+    T, dim, a = job["T"], job["dim"], job["scale"]
     x, y = make_batch(job["n"], T, dim, job["seed"], dtype=torch.float64)
-    rows = []
-    for a in job["scales"]:
-        err, cmax = construction_error(construct_solution(dim, T, a), x, y)
-        rows.append({"T": T, "scale": a, "worst": float((err / cmax).max()),
-                     "rms": float(err.pow(2).mean().sqrt()), "bound": construction_bound(a, T)})
-    return rows
+    err, cmax = construction_error(construct_solution(dim, T, a), x, y)
+    return {"T": T, "scale": a, "worst": float((err / cmax).max()),
+            "rms": float(err.pow(2).mean().sqrt()), "bound": construction_bound(a, T)}
 
 
 def verdict_construction(sweep, label: str, tol: float = 1e-6) -> str:
