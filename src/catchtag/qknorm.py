@@ -177,16 +177,25 @@ def mechanism_summary(table: pd.DataFrame) -> pd.DataFrame:
 def separation(table: pd.DataFrame, column: str) -> float:
     """How well `column` alone tells sinks from non-sinks: the area under the ROC curve (0.5 =
     no better than chance, 1 = sinks always higher), computed within each (prompt, layer, head)
-    that has at least one sink and one non-sink and averaged."""
-    aucs = []
-    for _, g in table.groupby(["prompt", "layer", "head"]):
-        s = g.loc[g["sink"], column].to_numpy()
-        n = g.loc[~g["sink"], column].to_numpy()
-        if len(s) == 0 or len(n) == 0:
-            continue
-        gt = (s[:, None] > n[None, :]).mean() + 0.5 * (s[:, None] == n[None, :]).mean()
-        aucs.append(gt)
-    return float(np.mean(aucs)) if aucs else float("nan")
+    that has at least one sink and one non-sink and averaged.
+
+    Within a head, AUC = P(sink > non-sink) + P(tie) / 2 over all (sink, non-sink) pairs, computed
+    from average ranks (the Mann-Whitney U statistic): (sum of the sinks' ranks - n_s (n_s + 1) / 2)
+    / (n_s n_n), all heads at once."""
+    keys = ["prompt", "layer", "head"]
+    t = table[keys + ["sink", column]]
+    g = t.groupby(keys, sort=False)
+    n_s = g["sink"].transform("sum").to_numpy(dtype=float)
+    n = g["sink"].transform("size").to_numpy(dtype=float)
+    ranks = g[column].rank(method="average").to_numpy(dtype=float)
+    is_sink = t["sink"].to_numpy(dtype=bool)
+    per = pd.DataFrame({"grp": g.ngroup().to_numpy(), "r": np.where(is_sink, ranks, 0.0), "n_s": n_s, "n": n})
+    agg = per.groupby("grp").agg(r=("r", "sum"), n_s=("n_s", "first"), n=("n", "first"))
+    agg = agg[(agg.n_s > 0) & (agg.n > agg.n_s)]
+    if not len(agg):
+        return float("nan")
+    auc = (agg.r - agg.n_s * (agg.n_s + 1) / 2) / (agg.n_s * (agg.n - agg.n_s))
+    return float(auc.mean())
 
 
 REPRODUCED, PARTLY, NOT_REPRODUCED = "reproduced", "partly", "not reproduced"  # the book's verdicts
