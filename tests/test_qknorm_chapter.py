@@ -94,3 +94,16 @@ def test_scatter_points_and_boxes():
     boxes = Q.norm_boxes(t)
     assert [g for g, _, _ in boxes] == ["first-token sink", "other sink", "not a sink"]
     assert list(boxes[0][1]) == [20.0] and list(boxes[2][2]) == [8.0, 8.0]
+
+
+def test_separation_equals_the_pairwise_definition():
+    rng = np.random.default_rng(1)
+    n = 600
+    t = pd.DataFrame(dict(prompt=rng.integers(0, 2, n), layer=rng.integers(0, 3, n), head=rng.integers(0, 2, n),
+                          sink=rng.random(n) < 0.1, x=rng.normal(size=n).round(1)))  # rounding makes ties
+    aucs = []
+    for _, g in t.groupby(["prompt", "layer", "head"]):
+        s, o = g.loc[g.sink, "x"].to_numpy(), g.loc[~g.sink, "x"].to_numpy()
+        if len(s) and len(o):
+            aucs.append((s[:, None] > o[None, :]).mean() + 0.5 * (s[:, None] == o[None, :]).mean())
+    assert Q.separation(t, "x") == pytest.approx(float(np.mean(aucs)), abs=1e-12)

@@ -70,20 +70,58 @@ def prenorm_norms(model: Model, prompts: Sequence[str], remote: bool | str = Fal
         batch = torch.zeros(len(ids), T, dtype=torch.long)  # right padding: never seen by a real token
         for b, x in enumerate(ids):
             batch[b, :len(x)] = x
-        with torch.no_grad(), model.lm.trace(batch, **kwargs) as tracer:
-            qs = nnsight.save([])
-            ks = nnsight.save([])
-            for layer in range(model.n_layers):
-                attn = model.lm.model.layers[layer].self_attn
-                qs.append(attn.q_proj.output.reshape(len(ids), T, H, dh).norm(dim=-1))
-                ks.append(attn.k_proj.output.reshape(len(ids), T, Hkv, dh).norm(dim=-1))
-            if not kwargs:  # locally: nothing after the last k_proj is needed (no logits)
-                tracer.stop()
+        if kwargs:  # NDIF (or its local dry run): through nnsight
+            with torch.no_grad(), model.lm.trace(batch, **kwargs):
+                qs = nnsight.save([])
+                ks = nnsight.save([])
+                for layer in range(model.n_layers):
+                    attn = model.lm.model.layers[layer].self_attn
+                    qs.append(attn.q_proj.output.reshape(len(ids), T, H, dh).norm(dim=-1))
+                    ks.append(attn.k_proj.output.reshape(len(ids), T, Hkv, dh).norm(dim=-1))
+        else:
+            qs, ks = _projection_norms(model, batch)
         for b, n in enumerate(lengths):
             q = torch.stack([x[b, :n].float().T for x in qs])  # (L, H, n)
             k = torch.stack([x[b, :n].float().T for x in ks]).repeat_interleave(H // Hkv, dim=1)
             out.append(dict(q=q, k=k))
     return out
+
+
+class _Stop(Exception):
+    pass
+
+
+def _projection_norms(model: Model, batch: torch.Tensor) -> tuple[list, list]:
+    """Locally, without nnsight: per layer, the (B, T, H) norms of each head's q_proj and (B, T,
+    Hkv) of k_proj outputs, read by forward hooks on the model's own modules; the forward stops
+    after the last layer's k_proj (nothing later is needed)."""
+    B, T = batch.shape
+    H, dh, Hkv, L = model.n_heads, model.head_dim, model.n_kv_heads, model.n_layers
+    qs, ks, hooks = [None] * L, [None] * L, []
+
+    def hook(store, layer, heads, last):
+        def fn(module, args, output):
+            store[layer] = output.detach().reshape(B, T, heads, dh).norm(dim=-1)
+            if last:
+                raise _Stop
+        return fn
+
+    layers = model.hf.model.layers
+    for layer in range(L):
+        attn = layers[layer].self_attn
+        hooks.append(attn.q_proj.register_forward_hook(hook(qs, layer, H, False)))
+        hooks.append(attn.k_proj.register_forward_hook(hook(ks, layer, Hkv, layer == L - 1)))
+    try:
+        with torch.no_grad():
+            model.hf.model(input_ids=batch, use_cache=False)
+    except _Stop:
+        pass
+    finally:
+        for h in hooks:
+            h.remove()
+    if any(x is None for x in qs + ks):
+        raise CatchtagError(f"model {model.name!r}: not every layer's q_proj and k_proj ran; cannot read pre-norm norms")
+    return qs, ks
 
 
 def norm_bounds(model: Model) -> pd.DataFrame:
