@@ -768,6 +768,9 @@ QUANTITY_SPECS = dict(
     **{f"{c}_share_{k}": ".0%" for c in ("word", "space", "punctuation") for k in ("base", "tuned", "control")})
 
 
+EVAL_BATCH = 8  # prompts per capture forward in the census (a 14B model on NDIF sends q, k, v of each back)
+
+
 def run_chapter(names: Sequence[str], train_problems, eval_problems, *, base_model: str = "",
                 reasoning_model: str = "", remote=False, n_eval: int = 8, n_tokens: int = PAPER_MAX_TOKENS,
                 eps: float = DEFAULT_EPS, ev_high: float = 0.5, train_steps: int = 20, batch_size: int = 4,
@@ -775,10 +778,12 @@ def run_chapter(names: Sequence[str], train_problems, eval_problems, *, base_mod
                 progress: bool = True, **_) -> dict[str, ReasoningRun]:
     """{model name: ReasoningRun}: `run_pair` on the hub pair when `base_model` is set, else
     `run_proxy` for each offline model of `names` (loaded here). The chapter passes its parameters
-    as keywords (others are ignored). The census captures all `n_eval` prompts in one forward."""
+    as keywords (others are ignored). The census captures `EVAL_BATCH` prompts per forward (all of
+    the default 8 in one)."""
     from .models import load_model
 
-    kw = dict(n_prompts=n_eval, max_tokens=n_tokens, eps=eps, ev_high=ev_high, progress=progress, batch_size_eval=n_eval)
+    kw = dict(n_prompts=n_eval, max_tokens=n_tokens, eps=eps, ev_high=ev_high, progress=progress,
+              batch_size_eval=min(n_eval, EVAL_BATCH))
     if base_model or reasoning_model:
         return {base_model: run_pair(base_model, reasoning_model, eval_problems, remote=remote, **kw)}
     return {name: run_proxy(load_model(name), train_problems, eval_problems, steps=train_steps, batch_size=batch_size,
