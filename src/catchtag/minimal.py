@@ -249,7 +249,7 @@ def construction_error(model: MinimalTransformer, x, target) -> tuple[torch.Tens
     """Per sequence: (||model(x) - target||, max_j ||c_j||), the two sides of the bound, in float64
     (on a copy of the model) so that errors below float32 rounding stay visible."""
     model64 = copy.deepcopy(model).double()
-    with torch.no_grad():
+    with torch.no_grad(), _deterministic():
         err = (model64(x.double()) - target.double()).norm(dim=-1)
     return err, x.double()[..., CONTENT:].norm(dim=-1).amax(-1)
 
@@ -282,7 +282,10 @@ def no_marker_floor(seq_len: int, first_token: bool = True) -> float:
 @contextmanager
 def _deterministic():
     """One thread and deterministic kernels while training, restored afterwards: bitwise reproducible
-    runs (a multi-threaded reduction may add in a different order from run to run)."""
+    runs (a multi-threaded reduction may add in a different order from run to run). One thread is
+    also much faster here: the tensors are a few thousand numbers, and on 2 busy cores a training
+    run took 5.5-16 s of wall time with one thread against 115-137 s with two, with the same loss
+    (measured for issue 18)."""
     threads, det = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True)
@@ -471,6 +474,12 @@ def diagnostics(model: MinimalTransformer, x, target, sep, eps: float = 0.2, fir
     (1 = uniform; sequences with m = 1 count as 1); all_uniformity, the entropy of the whole row
     over log T (near 1 when it attends to all tokens alike).
     """
+    with _deterministic():  # one thread: these tensors are tiny, and a thread pool costs more than it saves
+        return _diagnostics(model, x, target, sep, eps, first_token)
+
+
+def _diagnostics(model: MinimalTransformer, x, target, sep, eps: float = 0.2, first_token: bool = True) -> dict:
+    """`diagnostics` itself (see there)."""
     tr = model.trace(x)
     n, T, _ = x.shape
     rows = torch.arange(n)
@@ -598,21 +607,25 @@ def classify(model: MinimalTransformer | None = None, seq_len: int = 16, eps: fl
 VERDICTS = ("reproduced", "partly", "not reproduced")
 
 
-def construction_sweep(scales, lengths, dim: int = 8, n: int = 2000, seed: int = 1):
+def construction_sweep(scales, lengths, dim: int = 8, n: int = 2000, seed: int = 1, workers: int | None = None):
     """The construction as an explicit sweep of its scale a (our s_tag: it multiplies the layer-1
     catch scores and the layer-2 scores of the tags together): one row per (T, scale) with `worst`
     (the largest ||model(x) - target|| / max_j ||c_j|| over `n` sequences, in float64), `rms`
-    (root-mean-square error) and `bound` (`construction_bound`). Returns a pandas DataFrame."""
+    (root-mean-square error) and `bound` (`construction_bound`). Returns a pandas DataFrame. One
+    (length, scale) per job of `map_runs` (one thread each: the same numbers for any `workers`)."""
     import pandas as pd
 
-    rows = []
-    for T in lengths:
-        x, y = make_batch(n, int(T), dim, seed, dtype=torch.float64)
-        for a in scales:
-            err, cmax = construction_error(construct_solution(dim, int(T), float(a)), x, y)
-            rows.append({"T": int(T), "scale": float(a), "worst": float((err / cmax).max()),
-                         "rms": float(err.pow(2).mean().sqrt()), "bound": construction_bound(float(a), int(T))})
-    return pd.DataFrame(rows)
+    jobs = [dict(T=int(T), scale=float(a), dim=dim, n=n, seed=seed) for T in lengths for a in scales]
+    return pd.DataFrame(map_runs(_sweep_job, jobs, workers))
+
+
+def _sweep_job(job: dict) -> dict:
+    """One row of `construction_sweep`: the same `n` sequences (drawn from `seed`) for every scale."""
+    T, dim, a = job["T"], job["dim"], job["scale"]
+    x, y = make_batch(job["n"], T, dim, job["seed"], dtype=torch.float64)
+    err, cmax = construction_error(construct_solution(dim, T, a), x, y)
+    return {"T": T, "scale": a, "worst": float((err / cmax).max()),
+            "rms": float(err.pow(2).mean().sqrt()), "bound": construction_bound(a, T)}
 
 
 def verdict_construction(sweep, label: str, tol: float = 1e-6) -> str:
@@ -698,19 +711,25 @@ def eps_counts(runs: dict, seq_len: int, eps_values) -> dict:
 ABLATIONS = {"no first token": dict(first_token=False), "no [SEP] marker": dict(sep_marker=False)}
 
 
-def run_ablations(seeds, seq_len: int, eps: float = 0.2, log_every: int = 25, progress: bool = False, **cfg):
+def run_ablations(seeds, seq_len: int, eps: float = 0.2, log_every: int = 25, progress: bool = False,
+                  workers: int | None = None, **cfg):
     """Train every task variant of `ABLATIONS` on `seeds` with TrainConfig fields `cfg`; returns
     (table, runs): table has one row per (task, seed) with the `diagnostics` on 512 evaluation
     sequences of that variant, `class` (`classify`; "(no marker)" when there is no [SEP] marker to
-    classify against) and `transition`; runs maps (task, seed) -> (model, history)."""
+    classify against) and `transition`; runs maps (task, seed) -> (model, history). The runs go
+    through `train_many` (`workers` processes; the same numbers for any number)."""
     import pandas as pd
 
+    keys = [(name, s) for name in ABLATIONS for s in seeds]
+    jobs = [dict(seed=s, seq_len=seq_len, eps=eps, log_every=log_every, progress=progress and workers == 1,
+                 **cfg, **ABLATIONS[name]) for name, s in keys]
+    trained = dict(zip(keys, train_many(jobs, workers)))
     rows, runs = [], {}
     for name, kw in ABLATIONS.items():
         first = kw.get("first_token", True)
         x, y, sep = make_batch(512, seq_len, cfg.get("dim", 8), EVAL_SEED, return_sep=True, **kw)
         for s in seeds:
-            m, h = train(s, seq_len=seq_len, eps=eps, log_every=log_every, progress=progress, **cfg, **kw)
+            m, h = trained[name, s]
             runs[name, s] = (m, h)
             d = diagnostics(m, x, y, sep, eps=eps, first_token=first)
             cls = classify(m, seq_len, eps=eps, first_token=first, diag=d) if kw.get("sep_marker", True) else "(no marker)"
@@ -723,3 +742,286 @@ def hidden_boundary_share(seq_len: int, dim: int) -> float:
     the no-marker task: the release mass of uniform attention."""
     _, _, sep = make_batch(512, seq_len, dim, EVAL_SEED, return_sep=True, sep_marker=False)
     return float(((seq_len - 1 - sep) / seq_len).float().mean())
+
+
+# ----------------------------------------------------------------------------- training many runs
+
+def workers_available(n_jobs: int) -> int:
+    """How many training runs to run at once: the CPU cores this process may use, capped by
+    OMP_NUM_THREADS when it is set (the book is developed with OMP_NUM_THREADS=1 on shared cores)
+    and by the number of runs. Each run uses one thread (`_deterministic`), so a run's numbers do
+    not depend on this: only the wall time does."""
+    import os
+
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    omp = os.environ.get("OMP_NUM_THREADS", "")
+    if omp.isdigit() and int(omp) > 0:
+        cores = min(cores, int(omp))
+    return max(1, min(cores, n_jobs))
+
+
+def _train_job(job: dict):
+    return train(**job)
+
+
+def _one_thread(fn, job):
+    with _deterministic():
+        return fn(job)
+
+
+def map_runs(fn, jobs: list, workers: int | None = None) -> list:
+    """[fn(job) for job in jobs], each under `_deterministic` (one thread, deterministic kernels),
+    so the results do not depend on how they are spread. With `workers` > 1 (default
+    `workers_available`) the jobs run in that many processes (forked where the platform allows,
+    else spawned; `fn` must be a module-level function)."""
+    from functools import partial
+
+    jobs = list(jobs)
+    workers = workers_available(len(jobs)) if workers is None else max(1, min(int(workers), len(jobs)))
+    if workers == 1:
+        return [_one_thread(fn, j) for j in jobs]
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+        return list(pool.map(partial(_one_thread, fn), jobs))
+
+
+def train_many(jobs: list[dict], workers: int | None = None) -> list:
+    """`train(**job)` for every job, in order: [(model, history), ...], bit for bit what a loop
+    would give (every run is one thread with deterministic kernels, seeded by its own seed). With
+    `workers` > 1 (default `workers_available`) the runs are spread over that many processes
+    (forked where the platform allows, else spawned); `history["seconds"]` is then each run's own
+    wall time, not the batch's."""
+    return map_runs(_train_job, jobs, workers)
+
+
+class Runs(dict):
+    """{seed: (model, history)} with `wall`, the seconds the caller waited for all the runs, and
+    `workers`, the processes they ran in."""
+
+    wall: float = float("nan")
+    workers: int = 1
+
+
+def train_seeds(seeds, workers: int | None = None, **kwargs) -> Runs:
+    """`Runs` {seed: (model, history)}: `train(seed, **kwargs)` for every seed, through
+    `train_many` (`workers` processes)."""
+    seeds = list(seeds)
+    start = time.time()
+    out = Runs(zip(seeds, train_many([dict(seed=s, **kwargs) for s in seeds], workers)))
+    out.wall = time.time() - start
+    out.workers = workers_available(len(seeds)) if workers is None else max(1, min(int(workers), len(seeds)))
+    return out
+
+
+# ----------------------------------------------------------------------------- the chapter's numbers
+
+@dataclass
+class Example:
+    """One example sequence for the attention maps: x (1, T, dim), sep (1,) its [SEP] position,
+    labels (T,) tick labels ("first", "[SEP]" or "")."""
+
+    x: torch.Tensor
+    sep: torch.Tensor
+    labels: list
+
+    @property
+    def p(self) -> int:
+        return int(self.sep)
+
+
+def example_sequence(seq_len: int, dim: int, seed: int) -> Example:
+    """The chapter's example: of 64 sequences drawn from `seed`, the first whose [SEP] sits within
+    one position of the middle (seq_len // 2)."""
+    xs, _, seps = make_batch(64, seq_len, dim, seed, return_sep=True)
+    i = int(torch.nonzero((seps - seq_len // 2).abs() <= 1)[0])
+    sep = seps[i:i + 1]
+    labels = ["first" if j == 0 else "[SEP]" if j == int(sep) else "" for j in range(seq_len)]
+    return Example(xs[i:i + 1], sep, labels)
+
+
+def chapter_setup(name: str, seed: int, n_seeds: int, seq_len: int):
+    """(cfg, seeds, example) of a chapter run: the TrainConfig fields of setting `name` (one-line
+    CatchtagError when it is not one of `SETTINGS`), the training seeds seed .. seed + n_seeds - 1,
+    and `example_sequence`."""
+    from .errors import CatchtagError
+
+    if name not in SETTINGS:
+        raise CatchtagError(f"settings={name!r} is not valid: use one of {', '.join(SETTINGS)}")
+    cfg = settings(name)
+    return cfg, list(range(seed, seed + n_seeds)), example_sequence(seq_len, cfg["dim"], seed)
+
+
+def construction_lengths(seq_len: int) -> list[int]:
+    """The sequence lengths of the construction sweep: 8, `seq_len` and 64."""
+    return sorted({8, int(seq_len), 64})
+
+
+CONSTRUCTION_SPECS = dict(cons_scale8=".1f", cons_worst8=".1e", cons_bound8=".1e", cons_worst_max_scale=".1e",
+                          cons_max_scale=".0f", cons_worst_min_scale=".2f")
+
+
+def construction_quantities(sweep, ctr_class: str, seq_len: int) -> dict:
+    """What the chapter reports of the construction sweep (`construction_sweep`): ctr_class (what
+    `classify` calls the hand-set model), verdict_construction, construction_summary; at T =
+    seq_len and the scale nearest 8: cons_scale8, cons_worst8, cons_bound8; cons_holds ("holds"
+    when the worst error is within the bound at every row, else "FAILS"); at T = seq_len the worst
+    error at the largest and smallest scale (cons_worst_max_scale, cons_worst_min_scale) and the
+    largest scale (cons_max_scale). Format specs: `CONSTRUCTION_SPECS`."""
+    at_t = sweep[sweep["T"] == seq_len]
+    at8 = sweep.iloc[((sweep.scale - 8).abs() + 1e9 * (sweep["T"] != seq_len)).argmin()]
+    return dict(
+        ctr_class=ctr_class,
+        verdict_construction=verdict_construction(sweep, ctr_class),
+        construction_summary=construction_summary(sweep, ctr_class, seq_len),
+        cons_scale8=float(at8.scale), cons_worst8=float(at8.worst), cons_bound8=float(at8.bound),
+        cons_holds="holds" if (sweep.worst <= sweep.bound).all() else "FAILS",
+        cons_worst_max_scale=float(at_t.worst.iloc[-1]),
+        cons_max_scale=float(sweep.scale.max()),
+        cons_worst_min_scale=float(at_t.worst.iloc[0]),
+    )
+
+
+TRAINING_SPECS = dict(train_wall=".0f", train_cpu_per_seed=".1f", steps=",", zero_loss=".3f", floor=".3f",
+                      plateau_median=".3f", final_loss_max=".1e")
+
+
+def training_quantities(runs: Runs, table, seq_len: int) -> dict:
+    """The training runs in numbers: train_wall (`runs.wall`, seconds the chapter waited for them),
+    train_workers (the processes they ran in),
+    train_cpu_per_seed (mean CPU seconds of one run: its time on an idle core), steps (optimiser
+    steps of a run), zero_loss and floor (`zero_loss`, `no_marker_floor`), plateau_median (median
+    over runs of `plateau_loss`), n_fit (runs whose evaluation R² reached 0.9), trans_min /
+    trans_max (the first and last of those transition steps, None when no run fits) and
+    final_loss_max (the worst final evaluation loss). `table`: `seed_table`. Specs: `TRAINING_SPECS`."""
+    import numpy as np
+
+    trans = table.transition.dropna()
+    first = next(iter(runs.values()))[1]
+    return dict(
+        train_wall=float(runs.wall), train_workers=int(runs.workers),
+        train_cpu_per_seed=float(np.mean([h["cpu_seconds"] for _, h in runs.values()])),
+        steps=len(first["loss"]),
+        zero_loss=zero_loss(seq_len), floor=no_marker_floor(seq_len),
+        plateau_median=float(table.plateau.median()),
+        n_fit=int(len(trans)),
+        trans_min=int(trans.min()) if len(trans) else None,
+        trans_max=int(trans.max()) if len(trans) else None,
+        final_loss_max=float(table.loss.max()),
+    )
+
+
+RUN_SPECS = dict(r2_min=".3f", tag_cos_median=".2f", ctr_share_lo=".0%", ctr_share_hi=".0%")
+
+
+def run_quantities(table, n_seeds: int, settings_name: str) -> dict:
+    """What the runs learned, from `seed_table`: n_ctr (runs that meet `classify`'s criterion),
+    ctr_share_lo / ctr_share_hi (the 95% Wilson interval of that share, `probes.wilson_interval`) and
+    ctr_ci (the same as text, "95% interval 11%–60%"), verdict_training (`verdict_training`),
+    ctr_seeds (their seeds, or "none"), r2_min, n_release (runs whose last query puts >= 80% of its
+    attention after [SEP] with uniformity >= 0.9), n_sep_catch / n_first_catch (runs where [SEP],
+    the first token, catches >= 90% of its tokens), n_opposite (runs whose two tags point in
+    opposite directions: 1 - cos > 1.5), tag_cos_median (median cosine of the two tags) and
+    sep_mass_range (the smallest and largest sep_mass, as text). Specs: `RUN_SPECS`."""
+    from .probes import wilson_interval
+
+    n_ctr = int(table.ctr.sum())
+    lo, hi = wilson_interval(n_ctr, n_seeds)
+    return dict(
+        n_ctr=n_ctr, ctr_share_lo=lo, ctr_share_hi=hi, ctr_ci=f"95% interval {lo:.0%}–{hi:.0%}",
+        verdict_training=verdict_training(n_ctr, n_seeds, settings=settings_name),
+        ctr_seeds=", ".join(str(s) for s in table.index[table.ctr]) or "none",
+        r2_min=float(table.r2.min()),
+        n_release=int(((table.release_mass >= 0.8) & (table.release_uniformity >= 0.9)).sum()),
+        n_sep_catch=int((table.sep_caught >= 0.9).sum()),
+        n_first_catch=int((table.first_caught >= 0.9).sum()),
+        n_opposite=int((table.tag_distinct > 1.5).sum()),
+        tag_cos_median=float(1 - table.tag_distinct.median()),
+        sep_mass_range=f"{table.sep_mass.min():.0%} to {table.sep_mass.max():.0%}",
+    )
+
+
+SEED_COLUMNS = {"r2": "r2", "sep_mass": "after→[SEP]", "post_first_mass": "after→first", "sep_caught": "caught by [SEP]",
+                "first_caught": "before: caught by first", "tag_contrast": "tag contrast",
+                "tag_distinct": "1 − cos(tags)", "release_mass": "release mass",
+                "release_uniformity": "release uniformity", "class": "class"}
+
+
+def seed_display(table):
+    """The columns of `seed_table` the chapter shows, with readable names (`SEED_COLUMNS`)."""
+    return table[list(SEED_COLUMNS)].rename(columns=SEED_COLUMNS)
+
+
+def example_seeds(table) -> list:
+    """The first seed that meets the criterion and the first that does not (those that exist)."""
+    ctr = next((s for s in table.index if table.ctr[s]), None)
+    other = next((s for s in table.index if not table.ctr[s]), None)
+    return [s for s in (ctr, other) if s is not None]
+
+
+def emergence_seed(table):
+    """The first seed that meets the criterion, else the first seed."""
+    return next((s for s in table.index if table.ctr[s]), table.index[0])
+
+
+ABLATION_SPECS = dict(nf_r2_min=".3f", nf_sep_caught=".0%", nf_tag_cos=".2f", nm_loss=".3f", nm_r2=".2f",
+                      nm_release=".0%", nm_chance=".0%")
+
+
+def ablation_quantities(table, seq_len: int, dim: int) -> dict:
+    """The ablations (`run_ablations` table) in numbers. No first token: nf_r2_min, nf_ctr (runs
+    called catch-tag-release), nf_sep_caught and nf_tag_cos (medians). No [SEP] marker: nm_loss,
+    nm_r2, nm_release (medians) and nm_chance (`hidden_boundary_share`: the release mass of uniform
+    attention). Specs: `ABLATION_SPECS`."""
+    nf, nm = table[table.task == "no first token"], table[table.task == "no [SEP] marker"]
+    return dict(
+        nf_r2_min=float(nf.r2.min()), nf_ctr=int((nf["class"] == "catch-tag-release").sum()),
+        nf_sep_caught=float(nf.sep_caught.median()), nf_tag_cos=float(nf.tag_cos.median()),
+        nm_loss=float(nm.loss.median()), nm_r2=float(nm.r2.median()), nm_release=float(nm.release_mass.median()),
+        nm_chance=hidden_boundary_share(seq_len, dim),
+    )
+
+
+# ----------------------------------------------------------------------------- the chapter's panels
+
+def plot_attention(ax, attn, labels, title: str):
+    """One attention map on `ax`, queries down, keys across; [SEP] and the first token labelled
+    (`labels`, as `Example.labels`). Returns the image (for a colour bar)."""
+    T = len(labels)
+    im = ax.imshow(attn.detach().numpy(), cmap="viridis", vmin=0, vmax=1)
+    ax.set_xticks(range(T), labels, rotation=90)
+    ax.set_yticks(range(T), labels)
+    ax.set(xlabel="key position", ylabel="query position", title=title)
+    return im
+
+
+def plot_release(ax, attn, ex: Example, title: str):
+    """The last query's layer-2 attention over keys, with the ideal (uniform after [SEP])."""
+    T = len(ex.labels)
+    a, m = attn[-1].detach().numpy(), T - 1 - ex.p
+    ax.bar(range(T), a, color="C2")
+    ax.plot([ex.p + 0.5, T - 0.5], [1 / m, 1 / m], "k--", lw=1, label="uniform after [SEP]")
+    ax.set_xticks(range(T), ex.labels, rotation=90)
+    ax.set(ylim=(0, 1.6 / m), xlabel="key position", ylabel="attention of the last query", title=title)
+    ax.legend(fontsize=7, loc="upper left")
+
+
+def plot_tags(ax, model: MinimalTransformer, ex: Example, title: str):
+    """Each token's layer-1 update projected on the two unit tags (`tag_projections`)."""
+    import numpy as np
+
+    p = tag_projections(model, ex.x, ex.sep)[0].detach().numpy()
+    pos = np.arange(len(ex.labels))
+    ax.bar(pos - 0.2, p[:, 0], 0.4, label=r"along $t_\mathrm{SEP}$")
+    ax.bar(pos + 0.2, p[:, 1], 0.4, label=r"along $t_\mathrm{first}$")
+    ax.axhline(0, color="k", lw=0.5)
+    ax.axvline(ex.p, color="grey", ls=":", lw=1)
+    ax.set_xticks(range(len(ex.labels)), ex.labels, rotation=90)
+    ax.set(xlabel="token position", ylabel="layer-1 update, projected")
+    ax.set_title(title, fontsize=8)
+    ax.legend(fontsize=7)

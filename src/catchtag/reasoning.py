@@ -356,8 +356,10 @@ def compare(
     remote: bool | str = False,
     progress: bool = True,
     keep_stats: bool = False,
+    batch_size: int = 1,
 ):
-    """Sinks and explained variance of every model on the same prompts.
+    """Sinks and explained variance of every model on the same prompts (`batch_size` prompts per
+    forward of `capture`: equal to one at a time within float rounding).
 
     Returns (summary, heads), or (summary, heads, stats) with `keep_stats` (stats: label -> list of
     `SinkStats`, for `sink_taxonomy`). `summary` has one row per model: the `catchtag.sinks.census`
@@ -372,7 +374,7 @@ def compare(
     eps = check_eps(eps)
     summary, parts, kept = [], [], {}
     for label, m in models.items():
-        caps = capture(m, list(prompts), remote=remote, progress=progress)
+        caps = capture(m, list(prompts), resid=False, remote=remote, progress=progress, batch_size=batch_size)
         stats = [sink_stats(c) for c in caps]
         ht = head_table(stats, eps)
         per_head = ht.groupby(["layer", "head"])[["n_sinks", "n_other"]].mean().reset_index()
@@ -600,12 +602,28 @@ class ReasoningRun:
     finetunes: dict
     held_out: dict
     pair: str | None
+    per_prompt: dict = dataclasses.field(default_factory=dict)  # label -> (n_prompts,) sinks per head
+
+    def change_interval(self, label: str, reference: str, n_boot: int = 2000, seed: int = 0) -> tuple[float, float]:
+        """95% percentile bootstrap interval over prompts (paired: the same prompts in both models)
+        of the change in sinks per head from `reference` to `label` (`release.bootstrap_ci` of the
+        per-prompt differences). (nan, nan) without per-prompt numbers for both."""
+        from .release import bootstrap_ci
+
+        if label is None or label not in self.per_prompt or reference not in self.per_prompt:
+            return (float("nan"), float("nan"))
+        d = np.asarray(self.per_prompt[label], dtype=float) - np.asarray(self.per_prompt[reference], dtype=float)
+        _, lo, hi = bootstrap_ci(d, n_boot=n_boot, seed=seed)
+        return (lo, hi)
 
     def quantities(self, ev_high: float = 0.5) -> dict:
         """The numbers the chapter puts: sinks per head (sph_*), first_share_*, other_per_head_*,
         high-EV heads (hev_*), shares of non-first sinks on words, bare spaces and punctuation
         (word_share_*, space_share_*, punctuation_share_*) for base, tuned (the reasoning model) and control (NaN without one),
-        the changes from the base (diff_reasoning, diff_control), n_heads, n_prompts, n_tokens
+        the changes in sinks per head from the base (diff_reasoning, diff_control) and between the
+        reasoning-tuned copy and the control (diff_tuned_control), each with its paired 95%
+        bootstrap interval over prompts (`change_interval`: *_lo, *_hi, and *_ci as text; ours),
+        n_heads, n_prompts, n_tokens
         (mean prompt length), the proxy's reading, the layer whose sinks per head moved most in the
         reasoning model (top_layer, top_layer_change), the verdict and the summary line."""
         s = self.summary
@@ -624,6 +642,11 @@ class ReasoningRun:
         q["sph_ratio"] = q["sph_tuned"] / q["sph_base"] if q["sph_base"] else float("nan")
         q["diff_reasoning"] = q["sph_tuned"] - q["sph_base"]
         q["diff_control"] = q["sph_control"] - q["sph_base"]
+        q["diff_tuned_control"] = q["sph_tuned"] - q["sph_control"]
+        for key, (label, ref) in (("diff_reasoning", (tuned, base)), ("diff_control", (ctrl, base)),
+                                  ("diff_tuned_control", (tuned, ctrl))):
+            q[f"{key}_lo"], q[f"{key}_hi"] = self.change_interval(label, ref)
+            q[f"{key}_ci"] = _interval_text(q[f"{key}_lo"], q[f"{key}_hi"])
         q["n_heads"] = int(s.loc[base, "n_heads"])
         q["n_prompts"] = len(self.prompts)
         q["n_tokens"] = float(s.loc[base, "n_tokens"])
@@ -642,21 +665,36 @@ class ReasoningRun:
         return q
 
 
-def _finish(models: dict, prompts, eps, ev_high, remote, progress, finetunes, held, pair, top_k) -> ReasoningRun:
+def per_prompt_sinks(stats, eps: float = DEFAULT_EPS) -> np.ndarray:
+    """(n_prompts,) sinks per head of each prompt, averaged over layers and heads (the mean over
+    prompts is `census(stats)["sinks_per_head"]`)."""
+    return head_table(stats, eps).groupby("prompt")["n_sinks"].mean().to_numpy(dtype=float)
+
+
+def _finish(models: dict, prompts, eps, ev_high, remote, progress, finetunes, held, pair, top_k,
+            batch_size: int = 1) -> ReasoningRun:
     s, h, stats = compare(models, prompts, eps=eps, ev_high=ev_high, remote=remote, progress=progress,
-                          keep_stats=True)
+                          keep_stats=True, batch_size=batch_size)
     return ReasoningRun(
         labels=list(models), prompts=list(prompts), summary=s.set_index("model"), heads=h,
         taxonomy=sink_taxonomy(stats, eps), top_tokens=top_sink_tokens(stats, eps, top_k),
         finetunes=finetunes, held_out=held, pair=pair,
+        per_prompt={label: per_prompt_sinks(st, eps) for label, st in stats.items()},
     )
+
+
+def _interval_text(lo: float, hi: float) -> str:
+    """'95% interval −0.012 to +0.034' (n/a when either end is NaN)."""
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        return "no interval"
+    return f"95% interval {lo:+.3f} to {hi:+.3f}".replace("-", "−")
 
 
 def run_proxy(base: Model, train_problems: Sequence[Problem], eval_problems: Sequence[Problem], *,
               n_prompts: int = 8, max_tokens: int = PAPER_MAX_TOKENS, eps: float = DEFAULT_EPS,
               ev_high: float = 0.5, steps: int = 30, batch_size: int = 4, block_len: int = 48,
               lr: float = 3e-4, seed: int = 0, train: str = "attention", top_k: int = 5,
-              progress: bool = True) -> ReasoningRun:
+              progress: bool = True, batch_size_eval: int = 1) -> ReasoningRun:
     """The offline proxy (ours): fine-tune `base` on reasoning traces and, as the control, on the
     same problems with answers only (`finetune`, same token budget), then compare base, tuned and
     control on `n_prompts` held-out reasoning traces of `max_tokens` tokens (`paper_prompts`)."""
@@ -667,13 +705,13 @@ def run_proxy(base: Model, train_problems: Sequence[Problem], eval_problems: Seq
     models = {BASE: base, TUNED: tunes["reasoning"].model, CONTROL: tunes["answer"].model}
     held = {label: eval_loss(m, eval_problems, "reasoning", block_len=block_len) for label, m in models.items()}
     prompts = paper_prompts(base, eval_problems, n_prompts, max_tokens)
-    return _finish(models, prompts, eps, ev_high, False, progress, tunes, held, None, top_k)
+    return _finish(models, prompts, eps, ev_high, False, progress, tunes, held, None, top_k, batch_size_eval)
 
 
 def run_pair(base_model: str, reasoning_model: str, eval_problems: Sequence[Problem], *,
              n_prompts: int = PAPER_N_PROMPTS, max_tokens: int = PAPER_MAX_TOKENS, eps: float = DEFAULT_EPS,
              ev_high: float = 0.5, remote: bool | str = False, top_k: int = 5, status=None,
-             progress: bool = True) -> ReasoningRun:
+             progress: bool = True, batch_size_eval: int = 1) -> ReasoningRun:
     """The paper's comparison on a hub pair: with `remote=True`, first `check_hosted` (one line when
     NDIF does not run both models; `status` as in `ndif_hosted`), then load both and compare them on
     `n_prompts` prompts of `max_tokens` tokens (paper, via note: 170 prompts of 150 tokens)."""
@@ -683,4 +721,124 @@ def run_pair(base_model: str, reasoning_model: str, eval_problems: Sequence[Prob
     models = {BASE: pair["base"], "R1-distilled": pair["reasoning"]}
     prompts = paper_prompts(pair["base"], eval_problems, n_prompts, max_tokens)
     return _finish(models, prompts, eps, ev_high, remote, progress, {}, {},
-                   paper_pair_key(base_model, reasoning_model), top_k)
+                   paper_pair_key(base_model, reasoning_model), top_k, batch_size_eval)
+
+
+# --------------------------------------------------------------------------------------------------
+# The chapter, in calls
+
+
+def chapter_models(model: str, compare: str, base_model: str, reasoning_model: str, remote) -> list[str]:
+    """The models the chapter files its results under: the hub pair's base model when
+    `base_model` or `reasoning_model` is set, else the offline models `model` (and `compare`).
+    Raises a one-line CatchtagError for the offline proxy with `remote=True` (fine-tuning runs here,
+    which NDIF cannot do)."""
+    hub = bool(base_model or reasoning_model)
+    if not hub and remote is True:
+        raise CatchtagError(
+            "the offline proxy fine-tunes a model here, which NDIF cannot do: set base_model and "
+            "reasoning_model to hub ids to compare a pair on NDIF, or use remote=False / 'local'"
+        )
+    return [base_model] if hub else [m for m in (model, compare) if m]
+
+
+def chapter_problems(n_train: int, n_eval: int, seed: int = 0) -> tuple[list[Problem], list[Problem]]:
+    """(training problems, held-out problems): `make_problems(n_train + 4 * n_eval, seed)` split
+    after the first `n_train` (4 held-out problems per evaluation prompt, enough to fill 150 tokens)."""
+    problems = make_problems(n_train + 4 * n_eval, seed=seed)
+    return problems[:n_train], problems[n_train:]
+
+
+def paper_ratios() -> dict:
+    """The paper's ratios of sinks per head, distilled over base (paper, via note): paper_ratio
+    (Qwen pair) and paper_ratio_llama."""
+    q, l = PAPER_SINKS_PER_HEAD["qwen"], PAPER_SINKS_PER_HEAD["llama"]
+    return dict(paper_ratio=q[1] / q[0], paper_ratio_llama=l[1] / l[0])
+
+
+PAPER_SPECS = dict(paper_ratio=".2f", paper_ratio_llama=".3f")
+
+QUANTITY_SPECS = dict(
+    sph_base=".3f", sph_tuned=".3f", sph_control=".3f", sph_ratio=".2f", diff_reasoning="+.3f",
+    diff_control="+.3f", diff_tuned_control="+.3f", diff_reasoning_lo="+.3f", diff_reasoning_hi="+.3f",
+    diff_control_lo="+.3f", diff_control_hi="+.3f", diff_tuned_control_lo="+.3f", diff_tuned_control_hi="+.3f",
+    first_share_base=".0%", first_share_tuned=".0%", first_share_control=".0%",
+    other_per_head_base=".3f", other_per_head_tuned=".3f", other_per_head_control=".3f",
+    hev_base=".0f", hev_tuned=".0f", hev_control=".0f", n_tokens=".0f", top_layer_change="+.2f",
+    **{f"{c}_share_{k}": ".0%" for c in ("word", "space", "punctuation") for k in ("base", "tuned", "control")})
+
+
+EVAL_BATCH = 8  # prompts per capture forward in the census (a 14B model on NDIF sends q, k, v of each back)
+
+
+def run_chapter(names: Sequence[str], train_problems, eval_problems, *, base_model: str = "",
+                reasoning_model: str = "", remote=False, n_eval: int = 8, n_tokens: int = PAPER_MAX_TOKENS,
+                eps: float = DEFAULT_EPS, ev_high: float = 0.5, train_steps: int = 20, batch_size: int = 4,
+                block_len: int = 32, lr: float = 3e-4, seed: int = 0, train: str = "attention",
+                progress: bool = True, **_) -> dict[str, ReasoningRun]:
+    """{model name: ReasoningRun}: `run_pair` on the hub pair when `base_model` is set, else
+    `run_proxy` for each offline model of `names` (loaded here). The chapter passes its parameters
+    as keywords (others are ignored). The census captures `EVAL_BATCH` prompts per forward (all of
+    the default 8 in one)."""
+    from .models import load_model
+
+    kw = dict(n_prompts=n_eval, max_tokens=n_tokens, eps=eps, ev_high=ev_high, progress=progress,
+              batch_size_eval=min(n_eval, EVAL_BATCH))
+    if base_model or reasoning_model:
+        return {base_model: run_pair(base_model, reasoning_model, eval_problems, remote=remote, **kw)}
+    return {name: run_proxy(load_model(name), train_problems, eval_problems, steps=train_steps, batch_size=batch_size,
+                            block_len=block_len, lr=lr, seed=seed, train=train, **kw)
+            for name in names}
+
+
+def runs_summary(runs: dict, titles: dict, ev_high: float = 0.5) -> str:
+    """The reproduction page's line: '<title>: <summary>' for each run, joined by '; '."""
+    return "; ".join(f"{titles.get(n, n)}: {r.quantities(ev_high)['summary']}" for n, r in runs.items())
+
+
+def finetune_quantities(runs: dict) -> tuple[dict, dict]:
+    """(chapter-level, first model's) fine-tuning numbers: train_tokens and train_params (millions)
+    of the first model's reasoning fine-tune, train_seconds (all fine-tunes of all models), and the
+    first model's held-out loss on reasoning traces, loss_base, loss_reasoning, loss_control (nats
+    per token). All None for a hub pair (no fine-tuning). Specs: `FINETUNE_SPECS`."""
+    tuned = [r for r in runs.values() if r.finetunes]
+    if not tuned:
+        return dict.fromkeys(("train_tokens", "train_params", "train_seconds")), dict.fromkeys(
+            ("loss_base", "loss_reasoning", "loss_control"))
+    ft, held = tuned[0].finetunes["reasoning"], tuned[0].held_out
+    return (dict(train_tokens=ft.tokens, train_params=ft.n_params / 1e6,
+                 train_seconds=sum(f.seconds for r in tuned for f in r.finetunes.values())),
+            dict(loss_base=held[BASE], loss_reasoning=held[TUNED], loss_control=held[CONTROL]))
+
+
+FINETUNE_SPECS = dict(train_params=".1f", train_seconds=".0f", loss_base=".2f", loss_reasoning=".2f", loss_control=".2f")
+
+
+def head_grids(run: ReasoningRun) -> tuple[dict, float]:
+    """The layers x heads panels of one run: ({label: dict(sinks=..., change=bool, ev=...)}, lim),
+    each a (layers, heads) array. `sinks` is the mean number of
+    sinks per head for the base model and for a model whose grid has another shape (a hub pair),
+    else its change from the base; `lim` is the largest absolute change (at least 0.5), for a
+    symmetric colour scale; `ev` the EV by tags (`grid` of the heads table)."""
+    labels = run.labels
+    grids = {l: grid(run.heads, l, "n_sinks") for l in labels}
+    base = grids[labels[0]]
+    same = [l for l in labels[1:] if grids[l].shape == base.shape]
+    lim = max([0.5] + [float(np.nanmax(np.abs(grids[l] - base))) for l in same])
+    out = {l: dict(sinks=grids[l] - base if l in same else grids[l], change=l in same, ev=grid(run.heads, l, "ev"))
+           for l in labels}
+    return out, lim
+
+
+def high_ev_cells(ev: np.ndarray, ev_high: float = 0.5) -> list[tuple[int, int]]:
+    """(layer, head) of every cell of an EV grid at or above `ev_high` (NaN is not high)."""
+    return [(int(l), int(h)) for l, h in zip(*np.nonzero(np.nan_to_num(ev) >= ev_high))]
+
+
+def sph_bars(run: ReasoningRun) -> list[tuple[str, float, str]]:
+    """(label, sinks per head, colour) of the chapter's bar chart: the paper's four models (paper,
+    via note; grey) then ours (the run's models, in order)."""
+    bars = [(f"paper: {m.split('/')[1]}", PAPER_SINKS_PER_HEAD[k][i], ["0.75", "0.45"][i])
+            for k, pair in PAPER_PAIRS.items() for i, m in enumerate(pair)]
+    return bars + [(f"ours: {label}", float(run.summary.loc[label, "sinks_per_head"]), c)
+                   for label, c in zip(run.labels, ["tab:blue", "tab:red", "tab:green"])]

@@ -188,7 +188,8 @@ CLAIMS: list[Claim] = [
           "{construction_summary}", Rule("verdict", ("verdict_construction",)), "paper (theorem); ours (weights)"),
     Claim("minimal_training", "§7, Fig. 7", "Training finds the mechanism in at most 4 of 10 runs",
           "at most 4 of 10", "minimal", "What each run learned",
-          "{n_ctr} of {n_seeds} runs by our criterion ({settings} settings)",
+          "{n_ctr} of {n_seeds} runs by our criterion ({settings} settings; 95% Wilson interval "
+          "{ctr_share_lo:.0%}–{ctr_share_hi:.0%} for the share of runs)",
           Rule("verdict", ("verdict_training",)), "paper, via note (its recipe; reduced by default: see the chapter)"),
     Claim("kv_sinks", "§1, abstract", "Sinks are critical for performance under KV-caching",
           "\"critical\" (via StreamingLLM; no number)", "kvcache", "Does a bounded cache need its sinks?",
