@@ -45,8 +45,8 @@ DEFAULT_CHUNK = 256
 # At most this many logits (batch x heads x queries x keys) per block: a block whose logits stay in
 # the core's cache is several times faster per logit (matmul output, exp, sums) than one that does
 # not, so long prompts run fewer than `chunk` queries per block (at least MIN_BLOCK_ROWS).
-BLOCK_LOGITS = 1 << 18
-MIN_BLOCK_ROWS = 16
+BLOCK_LOGITS = 1 << 19
+MIN_BLOCK_ROWS = 32
 
 
 @dataclasses.dataclass
@@ -171,7 +171,7 @@ def census_attention_forward(
     out = torch.empty(B, Hkv, rep, T, dh, dtype=torch.float32, device=dev)
     if record:
         lengths = torch.tensor(rec.lengths, device=dev)
-        padded = int(lengths.min()) < T
+        shortest = min(rec.lengths)  # rows of the batch padded after their `length` tokens
         col_sum = torch.zeros(B, H, T, dtype=torch.float64, device=dev)
         row_sum = torch.ones(B, H, T, dtype=torch.float64, device=dev)
         top_key = torch.full((B, H, T), -1, dtype=torch.long, device=dev)
@@ -219,14 +219,14 @@ def census_attention_forward(
             if sink is not None:  # without sink logits every row sums to 1 (row_sum stays 1)
                 row_sum[:, :, start:stop] = (mass * inv).reshape(B, H, R)
             w = inv
-            if padded and int(lengths.min()) < stop:  # padding queries: left out of every sum
+            if shortest < stop:  # padding queries: left out of every sum
                 real = torch.arange(start, stop, device=dev)[None, :] < lengths[:, None]  # (B, R)
                 w = inv * real[:, None, None, :]
             # column sums of A = E / den: a (1, R) @ (R, K) product per head
-            col_sum[:, :, lo:hi].add_(torch.matmul(w[..., None, :], e5).reshape(B, H, K).double())
+            col_sum[:, :, lo:hi].add_(torch.matmul(w[..., None, :], e5).view(B, H, K))
             val = (top - m).exp_().mul_(inv)  # A at the top key
             idx += lo
-            idx[val <= 0] = 0  # nothing positive but the diagonal: the first maximum (0) is key 0
+            idx.masked_fill_(val <= 0, 0)  # nothing positive but the diagonal: the first maximum (0) is key 0
             if start == 0:
                 idx[..., 0] = -1
                 val[..., 0] = 0.0
