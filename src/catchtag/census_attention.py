@@ -106,7 +106,7 @@ def _blocks(T: int, chunk: int, window: int | None, heads: int):
     while start < T:
         lo = max(0, start - window + 1) if window else 0
         rows = BLOCK_LOGITS // (heads * (start + chunk - lo))
-        stop = min(start + max(MIN_BLOCK_ROWS, min(chunk, rows)), T)
+        stop = min(start + min(chunk, max(MIN_BLOCK_ROWS, rows)), T)
         yield start, stop, lo
         start = stop
 
