@@ -2,11 +2,14 @@
 block by block and, in the same pass, what the census needs.
 
 `census_forward(model, text)` runs the model once with `NAME` ("catchtag_census") as its attention
-implementation (registered with transformers' `AttentionInterface`). For every layer and every block
-of `chunk` queries the function computes the masked logits (softcap, causal mask, sliding window),
-the probabilities (learned sink logits `s_aux` take part in the softmax and are dropped, so rows sum
-to less than 1, as in `catchtag.capture.attention_probs`), the block's output `A @ v`, and from the
-same probabilities:
+implementation (registered with transformers' `AttentionInterface`). For every recorded layer and
+every block of at most `chunk` queries (fewer for long prompts, so that a block's logits stay in the
+core's cache: `BLOCK_LOGITS`) the function computes the masked logits S (softcap, causal mask,
+sliding window), the row's largest logit other than the diagonal and its key, the row maximum m,
+E = exp(S - m) in place and the softmax normaliser den = sum E (learned sink logits `s_aux` add
+exp(sink - m) to den and are dropped, so rows sum to less than 1, as in
+`catchtag.capture.attention_probs`); the block's output is (E @ v) / den, and the probabilities
+A = E / den enter the sums below without being formed:
 
 - `col_sum` (H, T): sum over the queries that can see key k of A_ik (float32 within a block,
   float64 across blocks, as `sinks.stats_streaming`);
@@ -15,9 +18,15 @@ same probabilities:
   than 1); without them exactly 1 (the softmax's rows sum to 1 up to float rounding, ~1e-7, which
   the capture path reports and this path does not);
 - `top_key`, `top_value` (H, T): the row's largest entry other than the diagonal, and its key
-  (-1 and 0 for the first query), with `sinks.stats_streaming`'s tie rules.
+  (-1 and 0 for the first query), with `sinks.stats_streaming`'s tie rules (the first key among
+  equal logits; key 0 when no entry but the diagonal is positive). The key is the argmax of the
+  logits (exp is monotonic); two logits within float rounding of each other may give equal float32
+  probabilities, where the capture path takes the first of them: such near-ties are the only
+  possible difference (tests/test_census_attention.py counts them, < 1e-4 of rows).
 
-Nothing else is kept: no q, k, v, no T x T map (memory H x chunk x T per block). Grouped-query and
+Nothing else is kept: no q, k, v, no T x T map (memory at most `BLOCK_LOGITS` or heads x chunk x
+keys logits per block). Layers whose census is not wanted run PyTorch's sdpa kernel where it
+applies. Grouped-query and
 multi-query attention run on the kv heads directly (query head h reads kv head h // (H / Hkv), as
 `repeat_kv` does), without repeating keys or values. The nnsight capture path (`capture` +
 `sinks.sink_stats`) computes the same statistics from the saved attention inputs; it is what runs on
