@@ -172,8 +172,8 @@ def census_attention_forward(
     dev = query.device
     # the scale folded into q once (bit-exact when it is a power of two, as for head_dim 64)
     q5 = (query.float() * scale).reshape(B, Hkv, rep, T, dh)
-    k = key.float()
-    v = value.float()
+    k = key.float().contiguous()  # the model passes transposed views: one copy, not one per block
+    v = value.float().contiguous()
     sink = None
     if s_aux is not None:
         sink = s_aux.detach().float().reshape(1, Hkv, rep, 1)
