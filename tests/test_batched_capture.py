@@ -52,7 +52,8 @@ def test_batched_capture_equals_one_at_a_time(any_model, resid):
             assert x.sliding_window == y.sliding_window and x.scaling == y.scaling
         if resid:
             assert (a.resid_post - b.resid_post).abs().max() <= 1e-5 * a.resid_post.abs().max().clamp_min(1)
-            assert (a.logits - b.logits).abs().max() <= 1e-4
+            # logits of ~20: float32 rounding of the batched forward reaches ~1e-4 (relative 1e-5)
+            assert (a.logits - b.logits).abs().max() <= 1e-5 * a.logits.abs().max().clamp_min(1)
         sa, sb = sink_stats(a), sink_stats(b)
         assert (sa.received.nan_to_num() - sb.received.nan_to_num()).abs().max() <= 1e-5
 

@@ -143,3 +143,23 @@ def test_no_sink_from_fewer_later_queries_than_the_rule_on_a_long_prompt(smollm)
     loose = sink_table([st], 0.2, min_queries=0)
     assert (loose["from_end"] < MIN_QUERIES).any()  # what the rule removes is there to remove
     assert census([st], 0.2)["other_per_head"] <= census([st], 0.2, min_queries=0)["other_per_head"]
+
+
+def test_grouped_matmul_and_repeated_kv_are_made_once():
+    # no model: a (H=6, Hkv=2) layer; the grouped product equals the product with repeated heads
+    from catchtag.capture import AttnInputs, attention_probs, grouped_matmul, repeat_kv
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(6, 5, 4, generator=g), torch.randn(2, 5, 4, generator=g), torch.randn(2, 5, 4, generator=g)
+    assert torch.allclose(grouped_matmul(q, k.transpose(-1, -2)), q @ repeat_kv(k, 6).transpose(-1, -2))
+    assert grouped_matmul(q, torch.randn(6, 4, 3)).shape == (6, 5, 3)
+    ai = AttnInputs(q=q, k=k, v=v, scaling=0.5)
+    assert ai.n_kv_heads == 2 and ai.k is ai.k and ai.v is ai.v  # repeated once, then kept
+    assert torch.equal(ai.k, repeat_kv(k, 6)) and torch.equal(ai.v[5], v[1])
+    ai.k_kv = k * 2  # a new stored tensor: the repeated one follows it
+    assert torch.equal(ai.k, repeat_kv(k * 2, 6))
+    ref = torch.softmax((q @ repeat_kv(k * 2, 6).transpose(-1, -2) * 0.5).masked_fill(
+        torch.ones(5, 5, dtype=torch.bool).triu(1), float("-inf")), dim=-1)
+    assert torch.allclose(attention_probs(ai), ref, atol=1e-6)
+    full = AttnInputs(q=q, k=repeat_kv(k, 6), v=repeat_kv(v, 6), scaling=0.5)
+    assert full.k is full.k_kv  # nothing to repeat when every query head has its own kv head

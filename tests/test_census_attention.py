@@ -139,3 +139,39 @@ def test_census_forward_bad_input(smollm):
         census_forward_batch(smollm, ["Hello world"], batch_size=0)
     with pytest.raises(CatchtagError, match="no prompts"):
         census_forward_batch(smollm, [])
+
+
+def test_blocks_cover_every_query_once_within_chunk_and_budget(monkeypatch):
+    from catchtag import census_attention as ca
+
+    monkeypatch.setattr(ca, "BLOCK_LOGITS", 4096)
+    monkeypatch.setattr(ca, "MIN_BLOCK_ROWS", 4)
+    for T, chunk, window in [(100, 16, None), (100, 16, 7), (37, 64, None), (5, 1, None)]:
+        blocks = list(ca._blocks(T, chunk, window, heads=2))
+        assert blocks[0][0] == 0 and blocks[-1][1] == T
+        assert all(a[1] == b[0] for a, b in zip(blocks, blocks[1:]))  # contiguous, no overlap
+        for start, stop, lo in blocks:
+            assert 0 < stop - start <= chunk
+            assert lo == (max(0, start - window + 1) if window else 0)
+            # within the budget, unless the block is down to its minimum number of rows
+            assert 2 * (stop - start) * (stop - lo) <= 4096 or stop - start == min(4, chunk) or stop == T
+
+
+def test_census_ties_go_to_the_first_key_and_unrecorded_layers_run_sdpa():
+    # keys 1 and 2 are equal: every later query's largest non-self logit is a tie, broken to key 1
+    g = torch.Generator().manual_seed(5)
+    u = torch.randn(8, generator=g)
+    q = u.expand(1, 2, 12, 8) + 0.01 * torch.randn(1, 2, 12, 8, generator=g)
+    k = 0.1 * torch.randn(1, 1, 12, 8, generator=g)
+    v = torch.randn(1, 1, 12, 8, generator=g)
+    k[:, :, 1] = k[:, :, 2] = u  # the same, strongest key twice for every query
+    module = types.SimpleNamespace(layer_idx=0)
+    with recording({0}, [12], 4) as rec:
+        out, _ = census_attention_forward(module, q, k, v, None, scaling=0.5)
+    ai = AttnInputs(q=q[0], k=k[0], v=v[0], scaling=0.5)
+    ref = stats_streaming(ai, min_queries=0)
+    assert torch.equal(rec.out[0].top_key[0, :, 3:], torch.ones(2, 9, dtype=torch.long))
+    assert torch.equal(rec.out[0].top_key[0], ref.top_key)
+    assert torch.allclose(rec.out[0].top_value[0], ref.top_value, atol=1e-6)
+    plain, _ = census_attention_forward(types.SimpleNamespace(layer_idx=1), q, k, v, None, scaling=0.5)
+    assert torch.allclose(plain, out, atol=1e-6)  # layer 1 is not recorded: sdpa, same output

@@ -16,6 +16,11 @@ measures, on one input of exactly `seq_len` tokens (the book's passages repeated
 - `census`: catchtag's census inside the forward pass (`census_attention.census_forward`): one
   forward of the decoder (no logits) whose attention function computes each layer's output block by
   block and accumulates the census sums in the same pass; no q, k, v stored;
+- `*_cpu_s`: the same passes' CPU time (`time.process_time`, all threads of the process): on a
+  machine shared with other work the wall-clock ratios swing with the load, the CPU-time ratios
+  much less (`census_over_sdpa_cpu`, `census_over_sdpa_decoder_cpu`);
+- `book_timings`: the book's per-chapter execution times recorded by `catchtag.book.bookbuild`
+  (`_build/executed/timings.json`), with their sum, when that file exists (`book_timings()`);
 - `streaming_*`: the faster of the two census paths (`streaming_path` names it);
 - the naive census is run only when the full attention stack is at most `NAIVE_MAX_STACK_MB`
   (6 GiB: T = 2048 for SmolLM2); beyond, `naive_s` and `naive_peak_mb` are null and the stack size
@@ -246,27 +251,31 @@ def worker(kind: str, name: str, seq_len: int, out: Path, repeat: int = 1) -> di
         ids = bench_ids(model, seq_len)
         run = RUNNERS[kind]
         run(model, ids[:WARMUP_TOKENS])
-        times, peak, method, timings, computed = [], None, "", {}, None
+        times, cpu, peak, method, timings, computed = [], [], None, "", {}, None
         for i in range(max(1, repeat)):
             extra = {}
             with PeakRSS() as mem:
-                start = time.perf_counter()
+                start, start_cpu = time.perf_counter(), time.process_time()
                 computed = run(model, ids, extra) if kind in ("capture", "census") else run(model, ids)
                 times.append(time.perf_counter() - start)
+                cpu.append(time.process_time() - start_cpu)
             if peak is None:  # later passes may reuse memory the allocator kept: count the first
                 peak, method = mem.extra_mb, mem.method
             if times[-1] == min(times):
                 timings = extra
         if kind == "sdpa":  # the same forward without the output layer (what the census runs)
             run_sdpa_decoder(model, ids[:WARMUP_TOKENS])
-            dec = []
+            dec, dec_cpu = [], []
             for i in range(max(1, repeat)):
-                start = time.perf_counter()
+                start, start_cpu = time.perf_counter(), time.process_time()
                 run_sdpa_decoder(model, ids)
                 dec.append(time.perf_counter() - start)
+                dec_cpu.append(time.process_time() - start_cpu)
             timings["decoder_s"] = min(dec)
+            timings["decoder_cpu_s"] = min(dec_cpu)
         result = {
-            "seconds": min(times), "peak_mb": peak, "load_cached_s": load_s, "memory_method": method,
+            "seconds": min(times), "cpu_s": min(cpu), "peak_mb": peak, "load_cached_s": load_s,
+            "memory_method": method,
             "threads": torch.get_num_threads(), **timings,
             "model": model.name, "n_layers": model.n_layers, "n_heads": model.n_heads,
         }
@@ -354,6 +363,12 @@ def run_bench(name: str = "smollm2-135m", seq_len: int = 2048, cold_load: bool =
         "streaming_over_sdpa": s["seconds"] / sd["seconds"],
         "census_over_sdpa": c["seconds"] / sd["seconds"],
         "census_over_sdpa_decoder": c["seconds"] / sd["decoder_s"] if sd.get("decoder_s") else None,
+        "sdpa_cpu_s": sd["cpu_s"],
+        "sdpa_decoder_cpu_s": sd.get("decoder_cpu_s"),
+        "census_cpu_s": c["cpu_s"],
+        "capture_path_cpu_s": cp["cpu_s"],
+        "census_over_sdpa_cpu": c["cpu_s"] / sd["cpu_s"],
+        "census_over_sdpa_decoder_cpu": c["cpu_s"] / sd["decoder_cpu_s"] if sd.get("decoder_cpu_s") else None,
         "capture_path_over_sdpa": cp["seconds"] / sd["seconds"],
         "naive_over_sdpa": naive["seconds"] / sd["seconds"] if naive else None,
         "streaming_peak_over_stack": s["peak_mb"] / stack_mb,
@@ -365,7 +380,49 @@ def run_bench(name: str = "smollm2-135m", seq_len: int = 2048, cold_load: bool =
         "repeat": repeat,
         "memory_method": s["memory_method"],
     }
-    return {k: (round(v, 9 if "max_abs_diff" in k else 4) if isinstance(v, float) else v) for k, v in result.items()}
+    result = {k: (round(v, 9 if "max_abs_diff" in k else 4) if isinstance(v, float) else v) for k, v in result.items()}
+    book = book_timings()
+    if book is not None:
+        result["book_timings"] = book
+    return result
+
+
+def book_timings(path: Path | str | None = None) -> dict | None:
+    """The book's per-chapter execution times, as `catchtag.book.bookbuild` records them
+    (`_build/executed/timings.json`: {chapter: {seconds, executed_at, parameters, ...}}, each
+    chapter's last execution), with `total_s`, their sum; None when there is no such file.
+
+    The times come from whichever runs executed the chapters (dates, parameters and threads are in
+    each entry): a sum over chapters executed under different conditions is only indicative."""
+    if path is None:
+        from .book.bookbuild import TIMINGS
+
+        path = TIMINGS
+    path = Path(path)
+    if not path.exists():
+        return None
+    try:
+        table = json.loads(path.read_text())
+    except ValueError:
+        raise CatchtagError(f"{path} is not a JSON file of chapter timings: delete it or rebuild the book") from None
+    chapters = {}
+    for name, entry in sorted(table.items()) if isinstance(table, dict) else ():
+        if isinstance(entry, dict) and isinstance(entry.get("seconds"), (int, float)):
+            chapters[name] = entry
+    return {"path": str(path), "chapters": chapters,
+            "total_s": round(sum(e["seconds"] for e in chapters.values()), 1)}
+
+
+def format_book_timings(book: dict) -> str:
+    """The book's per-chapter times as a table (one line per chapter, then the sum)."""
+    lines = [f"book: each chapter's last execution ({book['path']})",
+             f"{'chapter':<16} {'seconds':>9}  {'executed':<20} {'threads':>7}  parameters"]
+    for name, e in book["chapters"].items():
+        params = " ".join(f"{k}={v}" for k, v in (e.get("parameters") or {}).items()) or "defaults"
+        threads = e.get("omp_num_threads") or f"({e.get('cpus', '?')} cpus)"
+        lines.append(f"{name:<16} {e['seconds']:>9.1f}  {e.get('executed_at', '?'):<20} {threads:>7}  {params}")
+    lines.append(f"{'total':<16} {book['total_s']:>9.1f}  ({len(book['chapters'])} chapters)")
+    return "\n".join(lines)
 
 
 def format_table(r: dict) -> str:
@@ -390,7 +447,12 @@ def format_table(r: dict) -> str:
         f"/decoder-only sdpa {f(r['census_over_sdpa_decoder'], '.2f')}), "
         f"census peak/stack {r['census_peak_over_stack']:.3f} (target <= 0.05), "
         f"capture path/sdpa {r['capture_path_over_sdpa']:.2f}, cached/cold load {f(r['cached_over_cold'], '.3f')}",
+        f"cpu time (less sensitive to other processes' load): sdpa {r['sdpa_cpu_s']:.3f} s, decoder-only "
+        f"{f(r['sdpa_decoder_cpu_s'], '.3f')} s, census {r['census_cpu_s']:.3f} s: census/sdpa "
+        f"{r['census_over_sdpa_cpu']:.2f}, /decoder-only {f(r['census_over_sdpa_decoder_cpu'], '.2f')}",
     ]
+    if r.get("book_timings"):
+        lines += ["", format_book_timings(r["book_timings"])]
     return "\n".join(lines)
 
 

@@ -38,10 +38,11 @@ class AttnInputs:
     """The inputs of one layer's attention call for one prompt (batch dimension dropped).
 
     Keys and values are stored per kv head (`k_kv`, `v_kv`: (Hkv, T, dh)); `k` and `v` are the
-    (H, T, dh) tensors repeated over the query heads that share them (`repeat_kv`), made on each
-    access, so code that needs one kv head per query head reads `ai.k`, and code that can work on
-    the kv heads reads `ai.k_kv`. The constructor takes `k`/`v` either per kv head or already
-    repeated (any Hkv dividing H); `n_kv_heads` says which."""
+    (H, T, dh) tensors repeated over the query heads that share them (`repeat_kv`), made on the
+    first access and kept (they are the stored tensors themselves when Hkv = H), so code that needs
+    one kv head per query head reads `ai.k`, and code that can work on the kv heads (`grouped_matmul`)
+    reads `ai.k_kv` and never pays for the copy. The constructor takes `k`/`v` either per kv head or
+    already repeated (any Hkv dividing H); `n_kv_heads` says which."""
 
     q: torch.Tensor  # (H, T, dh) after RoPE (and QK-norm, where the model has it)
     k_kv: torch.Tensor  # (Hkv, T, dh)
@@ -68,16 +69,24 @@ class AttnInputs:
         self.q, self.k_kv, self.v_kv = q, k, v
         self.mask, self.scaling, self.sliding_window = mask, scaling, sliding_window
         self.sink_logits, self.softcap = sink_logits, softcap
+        self._repeated = {}
+
+    def _repeat(self, name: str) -> torch.Tensor:
+        x = getattr(self, name)
+        cached = self._repeated.get(name)
+        if cached is None or cached[0] is not x:  # made once per stored tensor
+            cached = self._repeated[name] = (x, repeat_kv(x, self.q.shape[0]))
+        return cached[1]
 
     @property
     def k(self) -> torch.Tensor:
         """(H, T, dh): keys repeated over the query heads (query head h reads kv head h // (H/Hkv))."""
-        return repeat_kv(self.k_kv, self.q.shape[0])
+        return self._repeat("k_kv")
 
     @property
     def v(self) -> torch.Tensor:
         """(H, T, dh): values repeated over the query heads."""
-        return repeat_kv(self.v_kv, self.q.shape[0])
+        return self._repeat("v_kv")
 
     @property
     def n_kv_heads(self) -> int:
@@ -115,6 +124,18 @@ def repeat_kv(x: torch.Tensor, n_heads: int) -> torch.Tensor:
     return x if rep == 1 else x.repeat_interleave(rep, dim=0)
 
 
+def grouped_matmul(x: torch.Tensor, y_kv: torch.Tensor) -> torch.Tensor:
+    """x (H, M, n) @ repeat_kv(y_kv, H) (H, n, m) -> (H, M, m), without repeating y_kv (Hkv, n, m):
+    the query heads that share a kv head are multiplied by it in one product."""
+    H, Hkv = x.shape[0], y_kv.shape[0]
+    if H == Hkv:
+        return torch.matmul(x, y_kv)
+    rep = H // Hkv
+    M = x.shape[1]
+    out = torch.matmul(x.reshape(Hkv, rep * M, x.shape[2]), y_kv)  # (Hkv, rep*M, m)
+    return out.view(H, M, y_kv.shape[-1])
+
+
 def attention_op_name(model: Model) -> str:
     names = [n for n in model.lm.model.layers[0].self_attn.source.names if n.startswith("attention_interface_")]
     if not names:
@@ -130,15 +151,23 @@ def tokenize(model: Model, text: str) -> torch.Tensor:
 
     A text that already starts with the model's BOS string ("<bos>..." for Gemma) keeps that one
     BOS: the tokenizer's own is not added a second time (`Model.encode`)."""
+    return _encode(model, text)[0]
+
+
+def _encode(model: Model, text: str) -> tuple[torch.Tensor, list[tuple[int, int]] | None]:
+    """(`tokenize`'s ids, the tokens' character spans or None) from one call of the tokenizer."""
     if not isinstance(text, str) or not text.strip():
         raise CatchtagError("the text is empty: pass at least one word")
-    ids = torch.tensor(model.tokenize(text), dtype=torch.long)
+    ids, offsets = model.encode(text)
+    ids = torch.tensor(ids, dtype=torch.long)
+    if offsets is not None and len(offsets) != len(ids):
+        offsets = None
     if len(ids) > model.max_length:
         raise CatchtagError(
             f"the text is {len(ids)} tokens long, more than {model.name}'s context of "
             f"{model.max_length}: shorten it"
         )
-    return ids
+    return ids, offsets
 
 
 def capture(
@@ -184,11 +213,10 @@ def capture(
     groups = [list(prompts[i : i + batch_size]) for i in range(0, len(prompts), batch_size)]
     bar = progress_bar(groups, f"capture {model.name}", enabled=progress and len(groups) > 1)
     for group in bar:
-        ids = [tokenize(model, text) for text in group]
-        caps = _capture_batch(model, group, ids, layers, resid, logits, kwargs, op)
-        for cap, text, tids in zip(caps, group, ids):
-            offsets = model.encode(text)[1]
-            cap.offsets = offsets if offsets is not None and len(offsets) == len(tids) else None
+        encoded = [_encode(model, text) for text in group]
+        caps = _capture_batch(model, group, [ids for ids, _ in encoded], layers, resid, logits, kwargs, op)
+        for cap, (_, offsets) in zip(caps, encoded):
+            cap.offsets = offsets
         out.extend(caps)
     return out
 
@@ -311,7 +339,7 @@ def attention_logits(ai: AttnInputs, queries: slice | None = None) -> torch.Tens
     T = ai.n_tokens
     queries = queries or slice(0, T)
     q = ai.q[:, queries]
-    scores = torch.matmul(q, ai.k.transpose(-1, -2)) * ai.scaling
+    scores = grouped_matmul(q, ai.k_kv.transpose(-1, -2)) * ai.scaling
     if ai.softcap:
         scores = torch.tanh(scores / ai.softcap) * ai.softcap
     rows = torch.arange(T)[queries][:, None]
@@ -364,7 +392,7 @@ def o_proj_weight(model: Model, layer: int) -> torch.Tensor:
 def head_outputs(model: Model, cap: Capture, layer: int) -> torch.Tensor:
     """(H, T, d_model): o_i^h = W_O^h sum_j A_ij v_j, each head's contribution to the residual."""
     ai = cap.attn_inputs[layer]
-    z = attention_probs(ai) @ ai.v  # (H, T, dh)
+    z = grouped_matmul(attention_probs(ai), ai.v_kv)  # (H, T, dh)
     return per_head_project(model, layer, z)
 
 
@@ -419,7 +447,7 @@ def attention_rms(model: Model, cap: Capture, layer: int) -> torch.Tensor | None
     if norm is None:
         return None
     ai = cap.attn_inputs[layer]
-    z = attention_probs(ai) @ ai.v  # (H, T, dh)
+    z = grouped_matmul(attention_probs(ai), ai.v_kv)  # (H, T, dh)
     total = per_head_project(model, layer, z).sum(0)  # (T, d)
     bias = model.hf.model.layers[layer].self_attn.o_proj.bias
     if bias is not None:

@@ -2,11 +2,14 @@
 block by block and, in the same pass, what the census needs.
 
 `census_forward(model, text)` runs the model once with `NAME` ("catchtag_census") as its attention
-implementation (registered with transformers' `AttentionInterface`). For every layer and every block
-of `chunk` queries the function computes the masked logits (softcap, causal mask, sliding window),
-the probabilities (learned sink logits `s_aux` take part in the softmax and are dropped, so rows sum
-to less than 1, as in `catchtag.capture.attention_probs`), the block's output `A @ v`, and from the
-same probabilities:
+implementation (registered with transformers' `AttentionInterface`). For every recorded layer and
+every block of at most `chunk` queries (fewer for long prompts, so that a block's logits stay in the
+core's cache: `BLOCK_LOGITS`) the function computes the masked logits S (softcap, causal mask,
+sliding window), the row's largest logit other than the diagonal and its key, the row maximum m,
+E = exp(S - m) in place and the softmax normaliser den = sum E (learned sink logits `s_aux` add
+exp(sink - m) to den and are dropped, so rows sum to less than 1, as in
+`catchtag.capture.attention_probs`); the block's output is (E @ v) / den, and the probabilities
+A = E / den enter the sums below without being formed:
 
 - `col_sum` (H, T): sum over the queries that can see key k of A_ik (float32 within a block,
   float64 across blocks, as `sinks.stats_streaming`);
@@ -15,9 +18,15 @@ same probabilities:
   than 1); without them exactly 1 (the softmax's rows sum to 1 up to float rounding, ~1e-7, which
   the capture path reports and this path does not);
 - `top_key`, `top_value` (H, T): the row's largest entry other than the diagonal, and its key
-  (-1 and 0 for the first query), with `sinks.stats_streaming`'s tie rules.
+  (-1 and 0 for the first query), with `sinks.stats_streaming`'s tie rules (the first key among
+  equal logits; key 0 when no entry but the diagonal is positive). The key is the argmax of the
+  logits (exp is monotonic); two logits within float rounding of each other may give equal float32
+  probabilities, where the capture path takes the first of them: such near-ties are the only
+  possible difference (tests/test_census_attention.py counts them, < 1e-4 of rows).
 
-Nothing else is kept: no q, k, v, no T x T map (memory H x chunk x T per block). Grouped-query and
+Nothing else is kept: no q, k, v, no T x T map (memory at most `BLOCK_LOGITS` or heads x chunk x
+keys logits per block). Layers whose census is not wanted run PyTorch's sdpa kernel where it
+applies. Grouped-query and
 multi-query attention run on the kv heads directly (query head h reads kv head h // (H / Hkv), as
 `repeat_kv` does), without repeating keys or values. The nnsight capture path (`capture` +
 `sinks.sink_stats`) computes the same statistics from the saved attention inputs; it is what runs on
@@ -42,6 +51,11 @@ from .errors import CatchtagError
 
 NAME = "catchtag_census"
 DEFAULT_CHUNK = 256
+# At most this many logits (batch x heads x queries x keys) per block: a block whose logits stay in
+# the core's cache is several times faster per logit (matmul output, exp, sums) than one that does
+# not, so long prompts run fewer than `chunk` queries per block (at least MIN_BLOCK_ROWS).
+BLOCK_LOGITS = 1 << 19
+MIN_BLOCK_ROWS = 32
 
 
 @dataclasses.dataclass
@@ -84,6 +98,28 @@ def _allowed(start: int, stop: int, lo: int, hi: int, window: int | None) -> tor
     return ok
 
 
+def _first_argmax(x: torch.Tensor) -> torch.Tensor:
+    """x.argmax(-1) with ties to the first index, as `torch.max` breaks them; on the CPU through
+    NumPy, whose vectorised argmax is about ten times faster than torch's max-with-indices kernel
+    (the census's costliest reduction otherwise). Same result: NaN (none occur) wins, as in torch."""
+    if x.device.type == "cpu" and x.is_contiguous():
+        return torch.from_numpy(x.numpy().argmax(axis=-1))
+    return x.max(dim=-1).indices
+
+
+def _blocks(T: int, chunk: int, window: int | None, heads: int):
+    """(start, stop, lo): query blocks [start, stop) covering 0..T-1 and the first key lo that a
+    query of the block can see (keys lo..stop-1 are computed). At most `chunk` queries a block,
+    fewer where the block's logits (heads x queries x keys) would pass BLOCK_LOGITS."""
+    start = 0
+    while start < T:
+        lo = max(0, start - window + 1) if window else 0
+        rows = BLOCK_LOGITS // (heads * (start + chunk - lo))
+        stop = min(start + min(chunk, max(MIN_BLOCK_ROWS, rows)), T)
+        yield start, stop, lo
+        start = stop
+
+
 def census_attention_forward(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -98,7 +134,15 @@ def census_attention_forward(
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """transformers attention function: query (B, H, T, dh), key/value (B, Hkv, T, dh) ->
-    (output (B, T, H, dh), None). Records the layer's census sums when `census_forward` is running."""
+    (output (B, T, H, dh), None). Records the layer's census sums when `census_forward` is running.
+
+    A layer whose census is not wanted runs PyTorch's fused sdpa kernel where it applies (no
+    softcap, no sink logits, no window shorter than the prompt). A recorded layer runs block by
+    block, in one pass over each block's logits S (queries of the block x the keys they can see):
+    the row's largest logit other than the diagonal and its key (argmax of the logits is argmax of
+    the probabilities, ties to the first key), the row maximum m, E = exp(S - m) in place, the
+    normaliser den = sum E (+ exp(sink - m)), then output = (E @ v) / den and column sums
+    (1 / den) @ E: the probabilities A = E / den are never formed."""
     B, H, T, dh = query.shape
     Hkv, S = key.shape[1], key.shape[2]
     if S != T:
@@ -119,73 +163,84 @@ def census_attention_forward(
     record = rec is not None and rec.wants(layer)
     chunk = rec.chunk if rec is not None else DEFAULT_CHUNK
     dtype = query.dtype
-    q5 = query.float().reshape(B, Hkv, rep, T, dh)
-    k = key.float()
-    v = value.float()
+    if not record and not softcap and s_aux is None and (window is None or window >= T):
+        with torch.no_grad():
+            out = torch.nn.functional.scaled_dot_product_attention(
+                query, key, value, is_causal=True, scale=scale, enable_gqa=rep > 1,
+            )
+        return out.transpose(1, 2).contiguous(), None
+    dev = query.device
+    # the scale folded into q once (bit-exact when it is a power of two, as for head_dim 64)
+    q5 = (query.float() * scale).reshape(B, Hkv, rep, T, dh)
+    k = key.float().contiguous()  # the model passes transposed views: one copy, not one per block
+    v = value.float().contiguous()
     sink = None
     if s_aux is not None:
         sink = s_aux.detach().float().reshape(1, Hkv, rep, 1)
-    out = torch.empty(B, Hkv, rep, T, dh, dtype=torch.float32, device=query.device)
+    out = torch.empty(B, Hkv, rep, T, dh, dtype=torch.float32, device=dev)
     if record:
-        lengths = rec.lengths
-        dev = query.device
+        lengths = torch.tensor(rec.lengths, device=dev)
+        shortest = min(rec.lengths)  # rows of the batch padded after their `length` tokens
         col_sum = torch.zeros(B, H, T, dtype=torch.float64, device=dev)
         row_sum = torch.ones(B, H, T, dtype=torch.float64, device=dev)
         top_key = torch.full((B, H, T), -1, dtype=torch.long, device=dev)
         top_value = torch.zeros(B, H, T, dtype=torch.float64, device=dev)
+    neg_inf = float("-inf")
     with torch.no_grad():
-        for start in range(0, T, chunk):
-            stop = min(start + chunk, T)
+        for start, stop, lo in _blocks(T, chunk, window, B * H):
             R = stop - start
-            lo = max(0, start - window + 1) if window else 0
             hi = stop
             K = hi - lo
             qc = q5[:, :, :, start:stop].reshape(B, Hkv, rep * R, dh)
-            if scale != 1.0:
-                qc = qc * scale
             scores = torch.matmul(qc, k[:, :, lo:hi].transpose(-1, -2))  # (B, Hkv, rep*R, K)
             s5 = scores.view(B, Hkv, rep, R, K)
             if softcap:
                 scores.div_(softcap).tanh_().mul_(softcap)
             if K <= 2 * R:
-                s5.masked_fill_(~_allowed(start, stop, lo, hi, window), float("-inf"))
+                s5.masked_fill_(~_allowed(start, stop, lo, hi, window), neg_inf)
             else:
                 # only the block's last R keys (the diagonal square) and, under a window, its first
                 # R keys can be masked for some query of the block
-                s5[..., K - R:].masked_fill_(_triu(R), float("-inf"))
+                s5[..., K - R:].masked_fill_(_triu(R), neg_inf)
                 if window and stop - window > lo:  # some key of the first R is out of a row's window
-                    s5[..., :R].masked_fill_(~_allowed(start, stop, lo, lo + R, window), float("-inf"))
-            if sink is None:
-                A = torch.softmax(scores, dim=-1)
+                    s5[..., :R].masked_fill_(~_allowed(start, stop, lo, lo + R, window), neg_inf)
+            if record:
+                # the row's largest logit other than the diagonal (the query itself), and its key
+                diag = s5[..., K - R:].diagonal(dim1=-2, dim2=-1)  # (B, Hkv, rep, R) view
+                d = diag.clone()
+                diag.fill_(neg_inf)
+                idx = _first_argmax(scores).view(B, Hkv, rep, R)
+                top = s5.gather(-1, idx[..., None])[..., 0]
+                diag.copy_(d)
+                m = torch.maximum(top, d)  # the row maximum (the diagonal is always visible)
             else:
-                m = torch.maximum(scores.amax(dim=-1).view(B, Hkv, rep, R), sink)
-                A = torch.exp(s5 - m[..., None])
-                den = A.sum(dim=-1) + torch.exp(sink - m)
-                A.div_(den[..., None])
-                A = A.view(B, Hkv, rep * R, K)
-            out[:, :, :, start:stop] = torch.matmul(A, v[:, :, lo:hi]).view(B, Hkv, rep, R, dh)
+                m = s5.amax(dim=-1)
+            if sink is not None:
+                m = torch.maximum(m, sink)
+            e5 = s5.sub_(m[..., None]).exp_()  # E = exp(S - m), in place
+            mass = e5.sum(dim=-1)  # (B, Hkv, rep, R): the keys' share of den
+            den = mass if sink is None else mass + torch.exp(sink - m)
+            inv = den.reciprocal_() if sink is not None else den.reciprocal()
+            o = torch.matmul(scores, v[:, :, lo:hi]).view(B, Hkv, rep, R, dh)
+            torch.mul(o, inv[..., None], out=out[:, :, :, start:stop])
             if not record:
                 continue
-            A5 = A.view(B, Hkv, rep, R, K)
-            for b, n in enumerate(lengths):
-                if n < stop:  # padding queries: left out of every sum
-                    A5[b, :, :, max(0, n - start):] = 0.0
             if sink is not None:  # without sink logits every row sums to 1 (row_sum stays 1)
-                row_sum[:, :, start:stop] = A5.sum(dim=-1).reshape(B, H, R)
-            # column sums as a product with ones (faster than a strided reduction over rows)
-            ones = torch.ones(R, dtype=A5.dtype, device=A5.device)
-            col_sum[:, :, lo:hi].add_(torch.matmul(ones, A5).reshape(B, H, K).double())
-            ar = torch.arange(R)
-            A5[:, :, :, ar, start - lo + ar] = -1.0  # exclude the diagonal (the query itself)
-            val, idx = A5.max(dim=-1)
+                row_sum[:, :, start:stop] = (mass * inv).reshape(B, H, R)
+            w = inv
+            if shortest < stop:  # padding queries: left out of every sum
+                real = torch.arange(start, stop, device=dev)[None, :] < lengths[:, None]  # (B, R)
+                w = inv * real[:, None, None, :]
+            # column sums of A = E / den: a (1, R) @ (R, K) product per head
+            col_sum[:, :, lo:hi].add_(torch.matmul(w[..., None, :], e5).view(B, H, K))
+            val = (top - m).exp_().mul_(inv)  # A at the top key
             idx += lo
-            if lo > 0:  # nothing positive in range: the full row's first maximum (0) is key 0
-                idx[val <= 0] = 0
+            idx.masked_fill_(val <= 0, 0)  # nothing positive but the diagonal: the first maximum (0) is key 0
             if start == 0:
                 idx[..., 0] = -1
                 val[..., 0] = 0.0
             top_key[:, :, start:stop] = idx.reshape(B, H, R)
-            top_value[:, :, start:stop] = val.clamp_min(0.0).reshape(B, H, R)
+            top_value[:, :, start:stop] = val.reshape(B, H, R)
     if record:
         n_visible = torch.zeros(B, T, dtype=torch.long)
         for b, n in enumerate(rec.lengths):

@@ -125,8 +125,16 @@ def _seq_len(text: str) -> int:
 
 
 def cmd_bench(args) -> int:
-    from .bench import format_table, run_bench
+    from .bench import book_timings, format_book_timings, format_table, run_bench
 
+    if args.book:
+        book = book_timings(args.timings)
+        if book is None:
+            from .book.bookbuild import TIMINGS
+
+            raise CatchtagError(f"no chapter timings at {args.timings or TIMINGS}: execute the book first (make book)")
+        print(json.dumps(book, indent=1) if args.format == "json" else format_book_timings(book))
+        return 0
     say = (lambda msg: print(msg, file=sys.stderr, flush=True)) if args.format == "table" else None
     result = run_bench(args.model, args.seq_len, cold_load=not args.no_cold_load, repeat=args.repeat, progress=say)
     print(json.dumps(result, indent=1) if args.format == "json" else format_table(result))
@@ -168,13 +176,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_sinks)
     b = sub.add_parser(
         "bench",
-        help="time and memory of the sink census: sdpa forward, naive (full maps), streaming",
-        description="Measure, on one input of --seq-len tokens: a plain sdpa forward, the naive census "
-        "(eager attention with output_attentions=True, then sinks from the full maps), catchtag's "
-        "streaming census (capture + sink_stats), their seconds and peak extra memory (RSS, MiB), the "
-        "largest difference of received attention between the two censuses, and a cold (GGUF "
-        "conversion into a fresh cache) and a cached model load. Each measurement runs in its own "
-        "process.",
+        help="time and memory of the sink census: sdpa forward, naive (full maps), capture path, census in the forward",
+        description="Measure, on one input of --seq-len tokens: a plain sdpa forward (with and without "
+        "the output layer); the naive census (eager attention with output_attentions=True, then sinks "
+        "from the full maps; not run when the maps would pass 6 GiB, their size is reported); "
+        "catchtag's capture path (capture of the attention inputs, then sink_stats, which recomputes "
+        "the probabilities a block of queries at a time: what runs on NDIF); catchtag's census inside "
+        "the forward pass (census_forward: an attention function that accumulates the census while "
+        "computing each layer's output; 'streaming' in the JSON keys is the faster of the two catchtag "
+        "paths); their seconds (wall clock and CPU) and peak extra memory (RSS, MiB), the largest "
+        "difference of received attention between the censuses, a cold (GGUF conversion into a fresh "
+        "cache) and a cached model load, and, when the book has been executed, each chapter's last "
+        "execution time. Each measurement runs in its own process.",
     )
     b.add_argument("--model", default=DEFAULT_MODEL, help=f"registry name ({', '.join(REGISTRY)}) (default {DEFAULT_MODEL})")
     b.add_argument("--seq-len", type=_seq_len, default=2048, help="input length in tokens (default 2048)")
@@ -182,6 +195,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--repeat", type=int, choices=range(1, 11), default=1, metavar="N",
                    help="timed passes per measurement, fastest kept (default 1)")
     b.add_argument("--no-cold-load", action="store_true", help="skip the cold load (GGUF conversion, ~20-60 s)")
+    b.add_argument("--book", action="store_true",
+                   help="only print the book's per-chapter execution times and their sum (no measurement)")
+    b.add_argument("--timings", metavar="PATH",
+                   help="the chapter timings file for --book (default _build/executed/timings.json, written by bookbuild)")
     b.set_defaults(func=cmd_bench)
     return parser
 

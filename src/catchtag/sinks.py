@@ -46,7 +46,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .capture import AttnInputs, Capture, attention_probs
+from .capture import AttnInputs, Capture, attention_probs, grouped_matmul
 from .errors import CatchtagError
 
 DEFAULT_EPS = 0.2  # (paper) §K.2
@@ -194,11 +194,11 @@ def _probs_block(ai: AttnInputs, start: int, stop: int, lo: int, hi: int, upper=
     operations as `attention_logits`, done in place. `upper`: a (chunk, chunk) strictly upper-triangular bool matrix, so that a
     plain causal mask touches only the block's diagonal square."""
     q = ai.q[:, start:stop]
-    kt = ai.k[:, lo:hi].transpose(-1, -2)
+    kt = ai.k_kv[:, lo:hi].transpose(-1, -2)  # per kv head: grouped_matmul shares it, no repeat
     if math.frexp(ai.scaling)[0] == 0.5:  # a power of two: (s q) k^T has the bits of (q k^T) s
-        scores = torch.matmul(q * ai.scaling, kt)
+        scores = grouped_matmul(q * ai.scaling, kt)
     else:
-        scores = torch.matmul(q, kt)
+        scores = grouped_matmul(q, kt)
         scores.mul_(ai.scaling)
     if ai.softcap:
         scores.div_(ai.softcap).tanh_().mul_(ai.softcap)

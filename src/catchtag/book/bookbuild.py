@@ -49,6 +49,9 @@ ROOT = Path(__file__).resolve().parents[3]
 BOOK = ROOT / "book"
 BUILD = Path(os.environ["CATCHTAG_BUILD"]).resolve() if os.environ.get("CATCHTAG_BUILD") else ROOT / "_build"
 EXECUTED = BUILD / "executed"
+# {chapter: {seconds, executed_at, parameters, omp_num_threads, cpus}}: each chapter's last execution,
+# read by `catchtag bench` (its book table)
+TIMINGS = EXECUTED / "timings.json"
 STAGE = BUILD / "stage"
 
 
@@ -326,11 +329,34 @@ def execute(name: str, params: dict, force: bool = False) -> tuple[Path, float, 
         raise
     seconds = time.time() - start
     done = nbformat.read(tmp, as_version=4)
+    executed_at = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     done.metadata["catchtag"] = {"cache_key": key, "parameters": params, "seconds": round(seconds, 1),
-                                 "executed_at": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+                                 "executed_at": executed_at}
     nbformat.write(done, tmp)
     os.replace(tmp, out)  # never leave a half-written executed notebook in place
+    record_timing(name, seconds, params, executed_at)
     return out, seconds, False
+
+
+def record_timing(name: str, seconds: float, params: dict, executed_at: str, path: Path | None = None) -> None:
+    """Write the chapter's last execution time into `TIMINGS` (one JSON object for all chapters:
+    {name: {seconds, executed_at, parameters, omp_num_threads, cpus}}), replacing its previous entry.
+    A timings file that cannot be read is started afresh; the write is atomic."""
+    path = TIMINGS if path is None else path
+    try:
+        table = json.loads(path.read_text())
+        if not isinstance(table, dict):
+            table = {}
+    except (OSError, ValueError):
+        table = {}
+    table[name] = {
+        "seconds": round(float(seconds), 1), "executed_at": executed_at, "parameters": params,
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "cpus": os.cpu_count(),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
+    os.replace(tmp, path)
 
 
 def stage(names: list[str]) -> None:
