@@ -141,7 +141,8 @@ def head_tags(model: Model, cap: Capture, st: SinkStats, layer: int, eps: float 
 
     Returns one dict per head: `head`, `sinks` (list of positions), `tags` (n_sinks, d_model),
     `caught` (T,) long (catching sink or -1), `members` (positions of caught non-sink tokens),
-    `outputs` (T, d_model) the head outputs o_i.
+    `outputs` (T, d_model) the head outputs o_i, `token_tags` (T, d_model) W_O^h v_j of every
+    token j (the sinks' rows are their tags).
     """
     eps = check_eps(eps)
     li = st.layers.index(layer)
@@ -153,9 +154,8 @@ def head_tags(model: Model, cap: Capture, st: SinkStats, layer: int, eps: float 
     for h in range(model.n_heads):
         pos = torch.nonzero(sinks[h]).flatten().tolist()
         members = torch.nonzero((caught[h] >= 0) & ~sinks[h]).flatten().tolist()
-        res.append(
-            dict(head=h, sinks=pos, tags=tags[h, pos], caught=caught[h], members=members, outputs=outs[h])
-        )
+        res.append(dict(head=h, sinks=pos, tags=tags[h, pos], caught=caught[h], members=members,
+                        outputs=outs[h], token_tags=tags[h]))
     return res
 
 
@@ -275,33 +275,58 @@ def ev_bands(table: pd.DataFrame, column: str = "ev") -> dict:
 
 
 def tag_cosines(model: Model, cap: Capture, st: SinkStats, layer: int, eps: float = DEFAULT_EPS,
-                heads: Sequence[int] | None = None, _masks=None) -> pd.DataFrame:
+                heads: Sequence[int] | None = None, _masks=None, seed: int = 0, prompt: int = 0) -> pd.DataFrame:
     """One row per (head, sink, query): cos(o_i, t_s) for every non-sink query i after sink s,
-    and whether s catches i. Columns: layer, head, sink, query, caught, cos, attn (A_is is not
-    stored; `caught` is the book's definition)."""
-    rows = []
+    and whether s catches i. Columns: layer, head, sink, query, caught, cos, cos_other (A_is is
+    not stored; `caught` is the book's definition).
+
+    `cos_other` is the baseline (ours): cos(o_i, t_j), t_j = W_O^h v_j the value of another token
+    of the same head, j drawn at random for each row among the head's non-sink tokens j >= 1,
+    j != i (NaN when there is no such token). If the head's outputs lean on the sink's value and
+    not on what every value of the head shares, cos exceeds cos_other on the caught rows. The
+    draws are fixed by (`seed`, `prompt`, layer, head)."""
+    cols = ["layer", "head", "sink", "query", "caught", "cos", "cos_other"]
+    parts = []
     for ht in head_tags(model, cap, st, layer, eps, _masks):
-        if heads is not None and ht["head"] not in heads:
+        h, sinks = ht["head"], ht["sinks"]
+        if (heads is not None and h not in heads) or not sinks:
             continue
-        sinks = ht["sinks"]
-        if not sinks:
-            continue
-        O = ht["outputs"].double()
-        On = O / O.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-        for s, t in zip(sinks, ht["tags"].double()):
-            tn = t / t.norm().clamp_min(1e-12)
-            cos = (On @ tn).tolist()
-            for i in range(s + 1, len(cap.tokens)):
-                if i in sinks:
-                    continue
-                rows.append(dict(layer=layer, head=ht["head"], sink=s, query=i,
-                                 caught=bool(ht["caught"][i] == s), cos=cos[i]))
-    return pd.DataFrame(rows, columns=["layer", "head", "sink", "query", "caught", "cos"])
+        T = ht["outputs"].shape[0]
+        unit = lambda x: x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)  # noqa: E731
+        On = unit(ht["outputs"].double())
+        cos = (unit(ht["tags"].double()) @ On.T).numpy()  # (n_sinks, T)
+        cos_all = (On @ unit(ht["token_tags"].double()).T).numpy()  # (T, T): cos(o_i, t_j)
+        is_sink = np.zeros(T, dtype=bool)
+        is_sink[sinks] = True
+        caught = ht["caught"].numpy()
+        sink_idx, query = [], []
+        for k, s in enumerate(sinks):
+            q = np.arange(s + 1, T)
+            q = q[~is_sink[q]]
+            sink_idx.append(np.full(len(q), k))
+            query.append(q)
+        sink_idx, query = np.concatenate(sink_idx), np.concatenate(query)
+        sink_col = np.asarray(sinks)[sink_idx]
+        cand = np.nonzero(~is_sink[1:])[0] + 1  # the head's non-sink tokens j >= 1
+        other = np.full(len(query), np.nan)
+        if len(cand) >= 2 and len(query):
+            rng = np.random.default_rng([int(seed), int(prompt), int(layer), int(h)])
+            r = rng.integers(0, len(cand) - 1, size=len(query))
+            j = cand[r + (r >= np.searchsorted(cand, query))]  # skip the query itself
+            other = cos_all[query, j]
+        parts.append(pd.DataFrame(dict(
+            layer=layer, head=h, sink=sink_col, query=query, caught=caught[query] == sink_col,
+            cos=cos[sink_idx, query], cos_other=other)))
+    if not parts:
+        return pd.DataFrame(columns=cols)
+    out = pd.concat(parts, ignore_index=True)[cols]
+    out["caught"] = out["caught"].astype(bool)
+    return out
 
 
 def tag_cosine_table(model: Model, caps, eps: float = DEFAULT_EPS, stats=None, layers=None,
-                     progress: bool = True) -> pd.DataFrame:
-    """`tag_cosines` over prompts and layers, with a `prompt` column."""
+                     progress: bool = True, seed: int = 0) -> pd.DataFrame:
+    """`tag_cosines` over prompts and layers, with a `prompt` column (`seed`: the baseline's draws)."""
     from .progress import progress as progress_bar
 
     caps = _as_list(caps)
@@ -311,7 +336,7 @@ def tag_cosine_table(model: Model, caps, eps: float = DEFAULT_EPS, stats=None, l
     for p, (cap, st) in progress_bar(list(enumerate(zip(caps, stats))), "tag cosines", enabled=progress):
         masks = (st.sinks(eps), st.caught(eps))
         for l in layers:
-            t = tag_cosines(model, cap, st, l, eps, _masks=masks)
+            t = tag_cosines(model, cap, st, l, eps, _masks=masks, seed=seed, prompt=p)
             t.insert(0, "prompt", p)
             parts.append(t)
     return pd.concat(parts, ignore_index=True)
@@ -370,18 +395,20 @@ def segment_table(stats: SinkStats | Sequence[SinkStats], eps: float = DEFAULT_E
     stats = [stats] if isinstance(stats, SinkStats) else list(stats)
     rows = []
     for p, st in enumerate(stats):
-        sinks = st.sinks(eps)
-        caught = st.caught(eps)
-        T = len(st.tokens)
+        sinks = st.sinks(eps).numpy()
+        caught = st.caught(eps).numpy()
+        received = st.received.numpy()
+        nonsink = ~sinks
+        # later non-sink queries of each key: sum over i > k of nonsink[..., i]
+        after = np.flip(np.cumsum(np.flip(nonsink, -1), -1), -1) - nonsink
         for li, layer in enumerate(st.layers):
-            for h, k in torch.nonzero(sinks[li]).tolist():
-                members = torch.nonzero(caught[li, h] == k).flatten().tolist()
-                members = [i for i in members if not sinks[li, h, i]]
-                visible = sum(1 for i in range(k + 1, T) if not sinks[li, h, i])
+            for h, k in zip(*(x.tolist() for x in np.nonzero(sinks[li]))):
+                members = np.nonzero((caught[li, h] == k) & nonsink[li, h])[0].tolist()
+                visible = int(after[li, h, k])
                 runs = _runs(members)
                 rows.append(dict(
                     prompt=p, layer=layer, head=h, position=k, token=st.tokens[k],
-                    kind=token_kind(st.tokens[k], k), received=float(st.received[li, h, k]),
+                    kind=token_kind(st.tokens[k], k), received=float(received[li, h, k]),
                     n_caught=len(members), n_visible=visible,
                     share=len(members) / visible if visible else np.nan,
                     n_runs=len(runs), longest_run=max(runs) if runs else 0,
@@ -701,14 +728,72 @@ REPRODUCED, PARTLY, NOT_REPRODUCED, OFFLINE = "reproduced", "partly", "not repro
 
 def cosine_summary(cos: pd.DataFrame) -> dict:
     """Medians of cos(o_i, t_s) (`tag_cosine_table`) for caught and not caught tokens, all sinks
-    and non-first sinks only: cos_caught, cos_not, cos_caught_other, cos_not_other."""
+    and non-first sinks only: cos_caught, cos_not, cos_caught_other, cos_not_other; with a
+    `cos_other` column also `cos_other_value`, the baseline's median over the caught rows
+    (cos(o_i, t_j) for another token j of the same head)."""
     first = cos.sink == 0
 
-    def med(sel):
-        return float(cos.cos[sel].median()) if sel.any() else float("nan")
+    def med(sel, column="cos"):
+        x = cos[column][sel].dropna()
+        return float(x.median()) if len(x) else float("nan")
 
-    return dict(cos_caught=med(cos.caught), cos_not=med(~cos.caught),
-                cos_caught_other=med(cos.caught & ~first), cos_not_other=med(~cos.caught & ~first))
+    out = dict(cos_caught=med(cos.caught), cos_not=med(~cos.caught),
+               cos_caught_other=med(cos.caught & ~first), cos_not_other=med(~cos.caught & ~first))
+    if "cos_other" in cos:
+        out["cos_other_value"] = med(cos.caught, "cos_other")
+    return out
+
+
+def cluster_median_interval(values, groups, n_boot: int = 1000, level: float = 0.95, seed: int = 0,
+                            resolution: float = 1e-3) -> tuple[float, float, float]:
+    """(median, low, high): the median of `values` pooled over every group, and its percentile
+    bootstrap interval resampling whole groups (prompts: the independent units) with replacement.
+
+    Each resample's median is read from a histogram of `resolution`-wide bins (the bin's centre),
+    so the bounds are exact to resolution / 2; the median itself is exact. NaN values are dropped;
+    with fewer than two groups the bounds are NaN. `seed` fixes the draws."""
+    v = np.asarray(values, dtype=float)
+    g = np.asarray(groups)
+    keep = ~np.isnan(v)
+    v, g = v[keep], g[keep]
+    nan = float("nan")
+    if v.size == 0:
+        return nan, nan, nan
+    med = float(np.median(v))
+    labels, gi = np.unique(g, return_inverse=True)
+    if len(labels) < 2:
+        return med, nan, nan
+    lo_edge = np.floor(v.min() / resolution) * resolution
+    n_bins = int(np.ceil((v.max() - lo_edge) / resolution)) + 1
+    bins = np.minimum(((v - lo_edge) / resolution).astype(int), n_bins - 1)
+    hist = np.zeros((len(labels), n_bins))
+    np.add.at(hist, (gi, bins), 1.0)
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(0, len(labels), size=(n_boot, len(labels)))
+    counts = np.zeros((n_boot, len(labels)))
+    np.add.at(counts, (np.arange(n_boot)[:, None], draws), 1.0)
+    cum = np.cumsum(counts @ hist, axis=1)  # (n_boot, n_bins)
+    idx = (cum >= cum[:, -1:] / 2).argmax(axis=1)
+    lo, hi = np.quantile(lo_edge + (idx + 0.5) * resolution, [(1 - level) / 2, (1 + level) / 2])
+    return med, float(lo), float(hi)
+
+
+def cosine_intervals(cos: pd.DataFrame, n_boot: int = 1000, level: float = 0.95, seed: int = 0) -> dict:
+    """95% intervals (`cluster_median_interval`, resampling prompts) of the medians of a
+    `tag_cosine_table` with a `prompt` column: `cos_caught_lo/_hi`, `cos_not_lo/_hi`,
+    `cos_other_value_lo/_hi` (the baseline on the caught rows), and the paired difference on the
+    caught rows, `cos_minus_other` = median of cos - cos_other, with `cos_minus_other_lo/_hi`."""
+    caught = cos[cos.caught]
+    parts = dict(cos_caught=(caught.cos, caught.prompt), cos_not=(cos.cos[~cos.caught], cos.prompt[~cos.caught]),
+                 cos_other_value=(caught.cos_other, caught.prompt),
+                 cos_minus_other=(caught.cos - caught.cos_other, caught.prompt))
+    out = {}
+    for key, (v, g) in parts.items():
+        m, lo, hi = cluster_median_interval(v, g, n_boot, level, seed)
+        if key == "cos_minus_other":
+            out[key] = m
+        out[f"{key}_lo"], out[f"{key}_hi"] = lo, hi
+    return out
 
 
 def verdict_tag_direction(per_model: dict, min_cos: float = 0.5, min_gap: float = 0.2) -> str:
@@ -722,3 +807,107 @@ def verdict_tag_direction(per_model: dict, min_cos: float = 0.5, min_gap: float 
         raise CatchtagError("verdict_tag_direction needs at least one model's cosines")
     ok = [c >= min_cos and c - n >= min_gap for c, n in per_model.values()]
     return REPRODUCED if all(ok) else PARTLY if any(ok) else NOT_REPRODUCED
+
+
+# --------------------------------------------------------------------------------------------------
+# The tag chapter: every measure of one model, the quantities it reports, its figure's head
+
+
+def tag_measures(model: Model, caps: Sequence[Capture], eps: float = DEFAULT_EPS, seed: int = 0,
+                 noop_ratio: float = 0.25, progress: bool = False) -> dict:
+    """Every measure of the tag chapter on one model's captures (all layers, with `resid_post`):
+
+    - `stats`: `sinks.sink_stats` of each capture (the census rule at its default cut-off);
+    - `cos`: `tag_cosine_table` (cos(head output, tag) per (token, sink), with the baseline);
+    - `ve`: `value_space_ev` (the paper's VE and its baselines; `seed` fixes the random ones);
+    - `ev`: `head_explained_variance` (ours, centred);
+    - `geometry`: `tag_geometry` ((pairs, sinks); `noop_ratio` for no-op sinks);
+    - `seg`: `segment_table` (the segments, for the figure's head)."""
+    caps = _as_list(caps)
+    stats = [sink_stats(c) for c in caps]
+    return dict(
+        stats=stats,
+        cos=tag_cosine_table(model, caps, eps, stats=stats, seed=seed, progress=progress),
+        ve=value_space_ev(model, caps, eps, stats=stats, seed=seed, progress=progress),
+        ev=head_explained_variance(model, caps, eps, stats=stats, progress=progress),
+        geometry=tag_geometry(model, caps, eps, stats=stats, noop_ratio=noop_ratio, progress=progress),
+        seg=segment_table(stats, eps),
+    )
+
+
+def tag_quantities(run: dict, model: Model, seed: int = 0) -> dict:
+    """The numbers the tag chapter reports for one model, from `tag_measures`: the heads
+    (`n_query_heads`, `n_kv_heads`), `cosine_summary` and `cosine_intervals`, the `ev_summary` of
+    the paper's VE with our EV's medians (`ev_median`, `ev_raw_median`), `ve_paper_median` (=
+    `ve_tags_median`), `ve_tags_minus_mean` (tags' median VE minus the mean value direction's),
+    `ve_max`, `n_tags` (mean tags per head with a VE), `geometry_summary`, and `cos_random`
+    (`random_abs_cos` in d_model dimensions). Glue formats: `tag_formats`."""
+    ve = run["ve"]
+    out = dict(n_query_heads=model.n_heads, n_kv_heads=model.n_kv_heads)
+    out.update(cosine_summary(run["cos"]))
+    out.update(cosine_intervals(run["cos"], seed=seed))
+    summ = ev_summary(ve)
+    summ.update({k: v for k, v in ev_summary(run["ev"]).items() if k in ("ev_median", "ev_raw_median")})
+    out.update(summ)
+    out.update(ve_paper_median=summ["ve_tags_median"],
+               ve_tags_minus_mean=summ["ve_tags_median"] - summ["ve_mean_value_median"],
+               ve_max=float(ve.ve_tags.max()), n_tags=float(ve.loc[ve.ve_tags.notna(), "n_tags"].mean()))
+    out.update(geometry_summary(*run["geometry"]))
+    out["cos_random"] = random_abs_cos(model.d_model, seed=seed)
+    return out
+
+
+def tag_formats(values: dict) -> dict:
+    """Glue formats of `tag_quantities`: cosines to 2 decimals (`cos_random` to 3), shares (VE,
+    EV, no-op) as percentages (`ve_tags_minus_mean` signed), `n_tags` to 1 decimal, counts plain."""
+    def spec(k):
+        if k == "cos_random":
+            return ".3f"
+        if k == "ve_tags_minus_mean":
+            return "+.0%"
+        if k == "n_tags":
+            return ".1f"
+        if k.startswith("cos"):
+            return ".2f"
+        if k.startswith(("ve", "ev", "noop")):
+            return ".0%"
+        return ""
+    return {k: spec(k) for k in values}
+
+
+def two_sink_figure(model: Model, caps: Sequence[Capture], run: dict, eps: float = DEFAULT_EPS) -> dict | None:
+    """What the tag chapter's figure draws for one model: the head and prompt of `two_sink_head`
+    (None when no head has two catching sinks), its outputs in the plane of their top two
+    principal components (`pca`, from `pca_by_sink`) and in the plane of the two sinks' tags
+    (`tag_plane`): `plane_xy` (n, 2) for the non-sink tokens j >= 1 (`plane_positions`),
+    `plane_label` their catching sink (-1: none), `plane_tags` (2, 2) the two tags. Also
+    `prompt`, `layer`, `head`, `sinks` (s1, s2), `tokens`, and the glue texts `fig_head`,
+    `fig_sinks`."""
+    best = two_sink_head(run["seg"])
+    if best is None:
+        return None
+    p, layer, head, (s1, s2) = best
+    cap, st = caps[p], run["stats"][p]
+    ht = head_tags(model, cap, st, layer, eps)[head]
+    xy, txy = tag_plane(ht["tags"][[ht["sinks"].index(s1), ht["sinks"].index(s2)]], ht["outputs"])
+    others = [i for i in range(1, len(cap.tokens)) if i not in ht["sinks"]]
+    toks = cap.tokens
+    return dict(prompt=p, layer=layer, head=head, sinks=(s1, s2), tokens=toks,
+                pca=pca_by_sink(model, cap, st, layer, head, eps), plane_xy=xy[others],
+                plane_label=ht["caught"].numpy()[others], plane_positions=others, plane_tags=txy,
+                fig_head=f"layer {layer}, head {head}", fig_sinks=f"{toks[s1]!r} and {toks[s2]!r}")
+
+
+VE_LABELS = dict(tags="sinks' values (tags)", mean_value="mean value direction",
+                 random_token="random non-sink tokens' values", random_subspace="random subspace")
+
+
+def ve_medians_table(quantities: dict) -> pd.DataFrame:
+    """{model: `tag_quantities`} as a table of medians over heads (as percentages, text): the
+    paper's VE of the tags and of each baseline (`VE_LABELS`), VE² of the tags and of the mean
+    value direction, and our EV, centred and uncentred; one column per model."""
+    rows = {f"ve_{k}_median": f"VE, {VE_LABELS[k]}" for k in EV_MEASURES}
+    rows.update({f"ve2_{k}_median": f"VE², {VE_LABELS[k]}" for k in ("tags", "mean_value")})
+    rows.update(ev_median="EV (ours, centred)", ev_raw_median="EV (ours, uncentred)")
+    return pd.DataFrame({m: {label: f"{q[k]:.0%}" for k, label in rows.items()} for m, q in quantities.items()}
+                        ).rename_axis("median over heads")
