@@ -198,7 +198,7 @@ def two_sink_panels(ax_pca, ax_plane, d: dict | None, name: str):
     for k, sink in enumerate(pc["sinks"]):
         ax_pca.annotate("", xy=pc["origin_xy"] + pc["tag_xy"][k] * scale * 0.8, xytext=pc["origin_xy"],
                         arrowprops=dict(arrowstyle="->", color=colour_of[sink], lw=2))
-    ax_pca.set_title(f"{name}: head L{d['layer']} H{d['head']}, passage {d['prompt']}: PCA of head outputs\n"
+    ax_pca.set_title(f"{name}: head L{d['layer']} H{d['head']}, prompt {d['prompt']}: PCA of head outputs\n"
                      f"(PC1+PC2 = {pc['explained']:.0%} of variance; arrows: tags, scaled)", fontsize=9)
     ax_pca.set_xlabel("PC1")
     ax_pca.set_ylabel("PC2")
@@ -232,7 +232,7 @@ def ve_hist(ax, ve, labels: dict, title: str = ""):
     for k, label in labels.items():
         colour, ls = VE_STYLES[k]
         ax.hist(ve[f"ve_{k}"].dropna(), bins=bins, histtype="step", lw=1.8, color=colour, ls=ls, density=True, label=label)
-    ax.set_xlabel("VE (paper's norm ratio), per head, pooled over passages")
+    ax.set_xlabel("VE (paper's norm ratio), per head, pooled over prompts")
     ax.set_ylabel("density of heads")
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7)
