@@ -281,7 +281,7 @@ def _ev_table(rows: list[dict], layers: Sequence[int], n_heads: int, per_prompt:
         dict(
             ev=g["num"].sum() / g["den"].sum(),
             ev_raw=g["num_raw"].sum() / g["den_raw"].sum(),
-            ev_pca=g["num_pca"].sum() / g["den"].sum(),
+            ev_pca=g["num_pca"].sum(min_count=1) / g["den"].sum(),
             n_tags=g["n_tags"].mean(),
             n_caught=g["n_caught"].sum(),
             n_prompts=g.size(),
