@@ -162,3 +162,93 @@ def test_catch_summary_by_hand():
     assert V.busiest_prompt_layers(seg_fixture().iloc[[0, 2]]) == (0, [])
     with pytest.raises(CatchtagError):
         V.catch_summary(seg_fixture(), depth.iloc[:0])
+
+
+# --------------------------------------------------------------------------------------------------
+# The sinks and catch chapters' library functions
+
+
+def punct_planted():
+    return planted(tokens=[f"w{i}" for i in range(12)] + ["."] + [f"w{i}" for i in range(13, 30)])
+
+
+def test_census_quantities_panels_and_rows():
+    st = punct_planted()
+    q = V.census_quantities([st], 0.2, 10)
+    assert set(q) == set(V.CENSUS_QUANTITIES) | {"min_tokens", "max_tokens"}
+    assert q["n_other"] == 1 and q["min_tokens"] == q["max_tokens"] == 30
+    assert V.census_at([st], 0.2, 2)["n_other"] == 2  # key 27 counts once the cut-off lets it in
+    rows = V.sink_rows([st], 0.2, 10)
+    pan = V.example_panels([st], rows, first_tokens=40, before=8, after=32)
+    assert pan["first"] == dict(prompt=0, layer=0, head=0, position=0, received=pytest.approx(float(st.received[0, 0, 0])),
+                                lo=0, hi=30)
+    assert (pan["other"]["position"], pan["other"]["lo"], pan["other"]["hi"]) == (12, 4, 30)
+    assert V.viewer_panel(pan) == "other" and V.viewer_panel(dict(first=pan["first"], other=None)) == "first"
+    row = V.caught_row([st], pan["other"], 0.2, 10)
+    assert row[13] == 12 and row[5] == 0 and not (row == 27).any()
+    d = V.depth_profile([st], 0.2, 10, n_layers=3)
+    assert d.to_dict("records") == [dict(layer=0, depth=0.0, first_sink=1.0, n_other=1.0)]
+    k = V.kind_counts(rows)
+    assert k.to_dict() == {"punctuation": 1, "newline": 0, "other": 0}
+    assert V.top_token_quantities(V.top_tokens(rows)) == dict(top_token="'.'", top_token_share=1.0)
+    assert V.top_token_quantities(V.top_tokens(rows.iloc[:0])) == dict(top_token=None, top_token_share=None)
+
+
+def test_sweep_quantities():
+    st = punct_planted()
+    sw = V.cutoff_sweep([st], 0.2, (5, 10, 40))
+    assert V.cutoff_quantities(sw) == dict(other_at_5=1, other_at_40=0, near_end_at_5=0.0)
+    with pytest.raises(CatchtagError):
+        V.cutoff_quantities(sw[sw.min_queries != 40])
+    assert list(V.cutoff_table({"m": sw}).columns) == V.SWEEP_COLUMNS
+    from catchtag.sinks import eps_sweep
+
+    es = eps_sweep(V.cut([st], 10), V.EPS_VALUES)
+    assert V.EPS_VALUES[0] == 0.05 and V.EPS_VALUES[-1] == 0.5 and len(V.EPS_VALUES) == 10
+    assert V.eps_quantities(es) == dict(sph_005=2.0, sph_05=1.0)  # at 0.5 only the first token: the "." has alpha < 0.5
+
+
+def test_teaser_on_planted_sentences():
+    # sentence 1: tokens 0-11 (caught by 0), sentence 2: tokens 12-29 (caught by the "." at 12)
+    st = punct_planted()
+    text = " ".join(st.tokens)
+    cut_at = text.index(" .")
+    t = V.teaser(st, text, [(0, cut_at), (cut_at, len(text))], 0.2, min_queries=10)
+    assert t["n_heads"] == 1 and t["separating"] == 1 and t["separating_no_cutoff"] == 1
+    assert (t["layer"], t["head"], t["separates"]) == (0, 0, True) and t["label"] == "separates the sentences"
+    assert t["caught"][13] == 12 and len(t["caught"]) == 30
+    assert set(V.TEASER_QUANTITIES) <= set(t)
+
+
+def test_catch_tables_and_map():
+    st = punct_planted()
+    run = V.catch_tables([st], 0.2, 10)
+    assert run["min_tokens"] == 30 and set(run) == {"stats", "seg", "depth", "min_tokens"}
+    assert run["seg"]["position"].tolist() == [0, 12]  # key 27 is cut by the rule
+    assert V.map_choice(run) == (0, [0])
+    data = V.segment_map_data(run["stats"][0], [0], 0.2, window=20)
+    assert data["codes"].shape == (1, 20) and data["other_sinks"] == [12] and data["rows"] == [(0, 0)]
+    assert data["codes"][0, 5] == 1 and data["codes"][0, 13] == 2 and data["codes"][0, 0] == 0
+    assert data["sinks"] == [[0, 12]] and len(data["tokens"]) == 20
+    parts = V.segments_by_kind(run["seg"])
+    assert set(parts) == {"first", "other"} and parts["other"]["position"].tolist() == [12]
+    no_other = run["seg"][run["seg"].kind == "first"]
+    assert V.map_choice(dict(seg=no_other, stats=run["stats"])) == (0, [0])
+
+
+def test_catch_token_and_depth_quantities_by_hand():
+    seg = seg_fixture()
+    seg["token"] = ["w", ".", "w", " the", "\n"]
+    by = V.catch_by_token(seg)
+    assert by.to_dict() == {"the": 5, ".": 3, "\\n": 0}
+    q = V.catch_token_quantities(seg)
+    assert q["top_token"] == "'the'" and q["boundary_share"] == pytest.approx(3 / 8)
+    assert q["the_share"] == pytest.approx(5 / 8) and q["the_position"] == 7
+    assert V.catch_token_quantities(seg.iloc[[0, 2]])["top_token"] == "none"
+    assert V.catch_token_quantities(seg.iloc[[0, 1]])["the_position"] is None
+    depth = pd.DataFrame(dict(layer=range(12), caught_first=[0.5] * 12, caught_other=[0.0] * 11 + [0.2],
+                              not_caught=[0.9, 0.7] + [0.1] * 10))
+    d = V.depth_quantities(depth)
+    assert d == dict(early=pytest.approx(0.2), later=pytest.approx(0.9), peak_other_layer=11, peak_other=0.2)
+    with pytest.raises(CatchtagError):
+        V.depth_quantities(depth.iloc[:0])

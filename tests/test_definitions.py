@@ -53,3 +53,11 @@ def test_short_test_references_exist_in_the_rows_file():
         files = re.findall(r"`(test_\w+\.py)(?:::\w+)?`", _cells(row)[4])
         assert files, f"row {row[:60]!r} has ::{name} without a file"
         assert name in _test_names(ROOT / "tests" / files[-1]), f"tests/{files[-1]} has no {name}"
+
+
+def test_pages_have_no_control_characters():
+    """A Python string written without r"" turns \\rvert and \\approx into control characters."""
+    for page in Path(__file__).resolve().parents[1].joinpath("book").glob("*.md"):
+        text = page.read_bytes().decode("utf-8")
+        bad = [hex(ord(c)) for c in text if ord(c) < 32 and c not in "\n\t"]
+        assert not bad, f"{page.name}: control characters {bad[:5]}"

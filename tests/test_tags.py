@@ -299,3 +299,94 @@ def test_cosine_summary_and_verdict_by_hand():
     assert verdict_tag_direction({"a": (0.6, 0.5)}) == "not reproduced"
     with pytest.raises(CatchtagError):
         verdict_tag_direction({})
+
+
+# --------------------------------------------------------------------------------------------------
+# The tag chapter's library: the cosine baseline, intervals, the one-pass measures, quantities
+
+
+def test_tag_cosine_baseline_is_another_tokens_value():
+    from catchtag.tags import cosine_intervals, tag_cosine_table
+
+    m = _perturbed()  # non-sink tokens now have values of their own (noise dimension 8)
+    texts = [PLANTED_TEXT, "<s> b c a d . e f a b c d e f a b c d e f a b"]
+    caps = capture(m, texts, progress=False)
+    sts = [sink_stats(c) for c in caps]
+    tc = tag_cosine_table(m, caps, stats=sts, progress=False, seed=1)
+    assert list(tc.columns) == ["prompt", "layer", "head", "sink", "query", "caught", "cos", "cos_other"]
+    assert tc.caught.dtype == bool
+    # the baseline on one row, by hand: cos(o_i, W_O v_j) for some non-sink j >= 1, j != i
+    o = head_outputs(m, caps[0], 0)[0].double()
+    t = tag_vectors(m, caps[0], 0)[0].double()
+    sinks = torch.nonzero(sts[0].sinks(0.2)[0, 0]).flatten().tolist()
+    cands = [j for j in range(1, len(caps[0].tokens)) if j not in sinks]
+    for r in tc[(tc.prompt == 0) & (tc.layer == 0) & (tc["head"] == 0)].head(20).itertuples():
+        got = [j for j in cands if j != r.query and abs(float(o[r.query] @ t[j] / (o[r.query].norm() * t[j].norm())) - r.cos_other) < 1e-9]
+        assert got, f"no other token's value gives cos_other on row {r}"
+        assert r.cos == pytest.approx(float(o[r.query] @ t[r.sink] / (o[r.query].norm() * t[r.sink].norm())), abs=1e-9)
+    again = tag_cosine_table(m, caps, stats=sts, progress=False, seed=1)
+    other = tag_cosine_table(m, caps, stats=sts, progress=False, seed=2)
+    assert again.equals(tc) and not np.allclose(other.cos_other, tc.cos_other, equal_nan=True)
+    assert np.allclose(other.cos, tc.cos)  # the seed moves the baseline only
+    s = cosine_summary(tc)
+    assert s["cos_other_value"] == pytest.approx(tc.cos_other[tc.caught].median())
+    iv = cosine_intervals(tc, n_boot=200)
+    assert iv["cos_caught_lo"] <= s["cos_caught"] + 1e-3 and s["cos_caught"] - 1e-3 <= iv["cos_caught_hi"]
+    assert iv["cos_minus_other"] == pytest.approx((tc.cos - tc.cos_other)[tc.caught].median())
+
+
+def test_cluster_median_interval_by_hand():
+    from catchtag.tags import cluster_median_interval
+
+    # two prompts, each constant: resamples are (a, a), (a, b) or (b, b): medians 0.2, ~0.2-0.8, 0.8
+    v = [0.2] * 3 + [0.8] * 3
+    g = [0] * 3 + [1] * 3
+    m, lo, hi = cluster_median_interval(v, g, n_boot=400, seed=0)
+    assert m == pytest.approx(0.5)
+    assert lo == pytest.approx(0.2, abs=1e-3) and hi == pytest.approx(0.8, abs=1e-3)
+    assert cluster_median_interval(v, g, n_boot=400, seed=0) == (m, lo, hi)  # seeded
+    m, lo, hi = cluster_median_interval([0.1, 0.3, float("nan")], [0, 0, 1])
+    assert m == pytest.approx(0.2) and math.isnan(lo) and math.isnan(hi)  # one prompt left: no interval
+    assert all(math.isnan(x) for x in cluster_median_interval([], []))
+    # identical prompts: the interval collapses on the median (to the bin width)
+    m, lo, hi = cluster_median_interval([0.1, 0.5, 0.9] * 4, [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3])
+    assert lo == pytest.approx(0.5, abs=1e-3) and hi == pytest.approx(0.5, abs=1e-3)
+
+
+def test_tag_measures_equal_the_separate_functions():
+    from catchtag.tags import tag_cosine_table, tag_measures
+
+    m = _perturbed()
+    texts = [PLANTED_TEXT, "<s> b c a d . e f a b c d e f a b c d e f a b"]
+    caps = capture(m, texts, progress=False)
+    sts = [sink_stats(c) for c in caps]
+    run = tag_measures(m, caps, 0.2, seed=3)
+    pd.testing.assert_frame_equal(run["cos"], tag_cosine_table(m, caps, stats=sts, progress=False, seed=3))
+    pd.testing.assert_frame_equal(run["ve"], value_space_ev(m, caps, stats=sts, seed=3, progress=False))
+    ev = head_explained_variance(m, caps, stats=sts, progress=False)
+    assert run["ev"]["ev_pca"].isna().all()  # the chapter does not compute the PCA bound
+    pd.testing.assert_frame_equal(run["ev"].drop(columns="ev_pca"), ev.drop(columns="ev_pca"))
+    pairs, sinks = tag_geometry(m, caps, stats=sts, progress=False)
+    pd.testing.assert_frame_equal(run["geometry"][1], sinks)
+    pd.testing.assert_frame_equal(run["seg"], segment_table(sts, 0.2))
+
+
+def test_tag_quantities_formats_and_figure(planted):
+    from catchtag.tags import tag_formats, tag_measures, tag_quantities, two_sink_figure, ve_medians_table
+
+    m, cap, st = planted
+    run = tag_measures(m, [cap], 0.2)
+    q = tag_quantities(run, m)
+    assert q["n_query_heads"] == 2 and q["min_tokens"] == q["max_tokens"] == len(cap.tokens)
+    assert q["ve_paper_median"] == q["ve_tags_median"]
+    assert q["ve_tags_minus_mean"] == pytest.approx(q["ve_tags_median"] - q["ve_mean_value_median"])
+    assert math.isnan(q["cos_caught_lo"])  # one prompt: no interval
+    f = tag_formats(q)
+    assert f["cos_caught"] == ".2f" and f["cos_random"] == ".3f" and f["ve_tags_median"] == ".0%"
+    assert f["ve_tags_minus_mean"] == "+.0%" and f["n_tags"] == ".1f" and f["noop_first"] == ".0%" and f["n_ve_heads"] == ""
+    d = two_sink_figure(m, [cap], run, 0.2)
+    assert (d["prompt"], d["layer"], d["head"]) == (0, 0, 0) and sorted(d["sinks"]) == [0, DOT]
+    assert d["fig_head"] == "layer 0, head 0" and d["fig_sinks"] in ("'.' and '<s>'", "'<s>' and '.'")
+    assert d["plane_xy"].shape == (len(cap.tokens) - 2, 2) and len(d["plane_label"]) == len(cap.tokens) - 2
+    t = ve_medians_table({"a": q})
+    assert t.loc["VE, sinks' values (tags)", "a"] == f"{q['ve_tags_median']:.0%}" and len(t) == 8

@@ -32,7 +32,7 @@ import torch
 from .capture import Capture
 from .errors import CatchtagError
 from .prompts import PASSAGES
-from .sinks import DEFAULT_EPS, SinkStats, census, check_eps, head_table, sink_stats, sink_table
+from .sinks import DEFAULT_EPS, KINDS, SinkStats, census, check_eps, head_table, sink_stats, sink_table
 
 CUTOFF = 10  # (ours) keys seen by fewer later queries are not scored
 CUTOFFS = (5, 10, 20, 40)  # the sweep the sinks chapter shows
@@ -113,10 +113,11 @@ def cut(stats: Sequence[SinkStats], min_queries: int = CUTOFF) -> list[SinkStats
 def census_at(stats: Sequence[SinkStats], eps: float = DEFAULT_EPS, min_queries: int = CUTOFF) -> dict:
     """`sinks.census` (keys `CENSUS_KEYS`) with the cut-off `min_queries`, plus `boundary_share`
     (punctuation + line-break share of the non-first sinks) and `n_other` (non-first sinks counted)."""
+    stats = list(stats)
     c = census(cut(stats, min_queries), eps)
-    rows = sink_rows(stats, eps, min_queries)
     c["boundary_share"] = c["punct_share"] + c["newline_share"]
-    c["n_other"] = int((rows["kind"] != "first").sum())
+    n_heads = sum(st.received.shape[0] * st.received.shape[1] for st in stats)  # (prompt, layer, head)
+    c["n_other"] = int(round(c["other_per_head"] * n_heads))  # other_per_head is their mean
     return c
 
 
@@ -296,3 +297,282 @@ def busiest_prompt_layers(seg: pd.DataFrame, n_layers: int = 3) -> tuple[int, li
     p = int(other.groupby("prompt")["n_caught"].sum().idxmax())
     by_layer = other[other["prompt"] == p].groupby("layer")["n_caught"].sum().sort_values(ascending=False, kind="stable")
     return p, sorted(int(l) for l in by_layer.index[:n_layers])
+
+
+# --------------------------------------------------------------------------------------------------
+# The sinks chapter: statistics, quantities and example heads
+
+
+def chapter_stats(model, prompts: Sequence[str], remote: bool | str = False, batch_size: int = 4) -> list[SinkStats]:
+    """Sink statistics of `prompts` with every key scored (min_queries=0; `cut` applies the rule).
+
+    Locally: the census inside the forward pass (`census_attention.census_forward_batch`,
+    `batch_size` prompts per forward, right-padded: a real token never sees the padding after it),
+    which gives the same `SinkStats` as `score_stats(capture(...))` without storing q, k, v.
+    With `remote` (True: NDIF; "local": nnsight's remote code path, run here), the server runs its
+    own attention, so the attention inputs are captured and the statistics computed from them
+    (`capture` then `score_stats`), one prompt per forward."""
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    if remote:
+        from .capture import capture
+
+        return [score_stats(c) for c in capture(model, list(prompts), resid=False, remote=remote, progress=False)]
+    from .census_attention import census_forward_batch
+
+    return census_forward_batch(model, list(prompts), min_queries=0, batch_size=batch_size)
+
+
+CENSUS_QUANTITIES = ("sinks_per_head", "first_share", "other_per_head", "heads_with_other", "punct_share",
+                     "newline_share", "word_share", "boundary_share", "n_other", "min_row_sum")
+FORMATS = dict(sinks_per_head=".2f", other_per_head=".2f", first_share=".0%", heads_with_other=".0%",
+               punct_share=".0%", newline_share=".0%", word_share=".0%", boundary_share=".0%",
+               min_row_sum=".4f", near_end_at_5=".0%", median_from_end=".0f", near_end_share=".0%",
+               top_token_share=".0%", sph_005=".2f", sph_05=".2f")
+
+
+def census_quantities(stats: Sequence[SinkStats], eps: float = DEFAULT_EPS, min_queries: int = CUTOFF) -> dict:
+    """What the sinks chapter reports of one model's census: the `census_at` keys in
+    `CENSUS_QUANTITIES` at (eps, min_queries), and `min_tokens` / `max_tokens`, the shortest and
+    longest prompt in tokens. Formats for the glue: `FORMATS`."""
+    c = census_at(stats, eps, min_queries)
+    out = {k: c[k] for k in CENSUS_QUANTITIES}
+    lengths = [len(st.tokens) for st in stats]
+    out.update(min_tokens=min(lengths), max_tokens=max(lengths))
+    return out
+
+
+def example_panels(stats: Sequence[SinkStats], rows: pd.DataFrame, first_tokens: int = 40,
+                   before: int = 8, after: int = 32) -> dict:
+    """The two example heads of the sinks chapter's first figure, as dicts with `prompt`, `layer`,
+    `head`, `position` (the sink), `received` (its alpha), `lo`, `hi` (the token window to draw):
+
+    - "first": `strongest_first_sink` on prompt 0, tokens [0, first_tokens);
+    - "other": the punctuation or line-break sink with the largest alpha in `rows` (a `sink_rows`
+      table, the rule applied), tokens [position - before, position + after) clipped to the
+      prompt; None when there is none."""
+    layer, head = strongest_first_sink(stats)
+    st = stats[0]
+    first = dict(prompt=0, layer=layer, head=head, position=0,
+                 received=float(st.received[st.layers.index(layer), head, 0]),
+                 lo=0, hi=min(first_tokens, len(st.tokens)))
+    best = strongest_sink(rows)
+    other = None
+    if best is not None:
+        p, pos = int(best["prompt"]), int(best["position"])
+        other = dict(prompt=p, layer=int(best["layer"]), head=int(best["head"]), position=pos,
+                     received=float(best["received"]), lo=max(0, pos - before),
+                     hi=min(len(stats[p].tokens), pos + after))
+    return dict(first=first, other=other)
+
+
+def viewer_panel(panels: dict) -> str:
+    """Which of `example_panels` the attention viewer shows: "other" when there is one, else "first"."""
+    return "other" if panels.get("other") else "first"
+
+
+def head_attention(model, prompt: str, layer: int, head: int, remote: bool | str = False) -> tuple[list[str], np.ndarray]:
+    """(tokens, A) of one head on one prompt: A (T, T) the attention probabilities recomputed from
+    the captured queries and keys of `layer` (`capture.attention_probs`); one forward that stops
+    after that layer."""
+    from .capture import attention_probs, capture
+
+    cap = capture(model, prompt, layers=[layer], resid=False, remote=remote, progress=False)[0]
+    return cap.tokens, attention_probs(cap.attn_inputs[layer])[head].numpy()
+
+
+def panel_attention(model, prompts: Sequence[str], panels: dict, remote: bool | str = False) -> dict:
+    """`head_attention` for each panel of `example_panels` that exists: {name: (tokens, A)}."""
+    return {k: head_attention(model, prompts[p["prompt"]], p["layer"], p["head"], remote)
+            for k, p in panels.items() if p}
+
+
+def caught_row(stats: Sequence[SinkStats], panel: dict, eps: float = DEFAULT_EPS,
+               min_queries: int = CUTOFF) -> torch.Tensor:
+    """(T,) the sink catching each query of the panel's head and prompt under the rule, or -1."""
+    st = cut([stats[panel["prompt"]]], min_queries)[0]
+    return st.caught(eps)[st.layers.index(panel["layer"]), panel["head"]]
+
+
+def depth_profile(stats: Sequence[SinkStats], eps: float = DEFAULT_EPS, min_queries: int = CUTOFF,
+                  n_layers: int | None = None) -> pd.DataFrame:
+    """Per layer, means over heads and prompts under the rule: `first_sink` (share of heads with a
+    first-token sink) and `n_other` (other sinks per head); `depth` = layer / (n_layers - 1), the
+    relative depth (n_layers default: one more than the last layer)."""
+    by_layer = head_rows(stats, eps, min_queries).groupby("layer")[["first_sink", "n_other"]].mean()
+    n_layers = n_layers or int(by_layer.index.max()) + 1
+    out = by_layer.reset_index()
+    out.insert(1, "depth", out["layer"] / max(n_layers - 1, 1))
+    return out
+
+
+def cutoff_quantities(sweep: pd.DataFrame) -> dict:
+    """From a `cutoff_sweep` that includes cut-offs 5 and 40: `other_at_5`, `other_at_40` (non-first
+    sinks) and `near_end_at_5` (share of them within `NEAR_END` tokens of the cut-off at 5)."""
+    s = sweep.set_index("min_queries")
+    missing = {5, 40} - set(s.index)
+    if missing:
+        raise CatchtagError(f"the sweep lacks cut-offs {sorted(missing)}: include 5 and 40")
+    return dict(other_at_5=int(s.loc[5, "n_other"]), other_at_40=int(s.loc[40, "n_other"]),
+                near_end_at_5=float(s.loc[5, "near_end_share"]))
+
+
+SWEEP_COLUMNS = ["sinks_per_head", "other_per_head", "n_other", "boundary_share", "near_end_share"]
+
+
+def cutoff_table(sweeps: dict) -> pd.DataFrame:
+    """{model: `cutoff_sweep`} as one table indexed by (model, min_queries), `SWEEP_COLUMNS`, rounded to 3."""
+    return pd.concat({n: s.set_index("min_queries")[SWEEP_COLUMNS] for n, s in sweeps.items()}).round(3)
+
+
+def kind_counts(rows: pd.DataFrame) -> pd.Series:
+    """Non-first sinks of a `sink_rows` table by kind (punctuation, newline, other; zeros kept)."""
+    other = rows[rows["kind"] != "first"]
+    return other["kind"].value_counts().reindex([k for k in KINDS if k != "first"], fill_value=0)
+
+
+def top_token_quantities(top: pd.DataFrame) -> dict:
+    """From `top_tokens`: `top_token` (the most common non-first sink token, repr) and
+    `top_token_share` (its share of the non-first sinks); None for both when there is none."""
+    if not len(top):
+        return dict(top_token=None, top_token_share=None)
+    return dict(top_token=top["token"].iloc[0], top_token_share=float(top["share"].iloc[0]))
+
+
+def top_tokens_table(rows: dict, n: int = 8) -> pd.DataFrame:
+    """`top_tokens` of several models' `sink_rows`, {model: rows}, stacked and rounded to 3."""
+    return pd.concat({m: top_tokens(r, n) for m, r in rows.items()}).round(3)
+
+
+EPS_VALUES = tuple(np.round(np.arange(0.05, 0.501, 0.05), 2).tolist())  # the sinks chapter's eps sweep
+
+
+def eps_quantities(sweep: pd.DataFrame) -> dict:
+    """From a `sinks.eps_sweep` over `EPS_VALUES`: sinks per head at eps 0.05 (`sph_005`) and 0.5
+    (`sph_05`)."""
+    s = sweep.set_index("eps")
+    return dict(sph_005=float(s.loc[0.05, "sinks_per_head"]), sph_05=float(s.loc[0.5, "sinks_per_head"]))
+
+
+def teaser(st: SinkStats, text: str, spans, eps: float = DEFAULT_EPS, min_queries: int = CUTOFF) -> dict:
+    """The paper's teaser (Fig. 1) on one prompt's statistics (`st`, every key scored): the
+    sentences are the token groups of the character `spans` (`sinks.groups_from_spans`), each head
+    is tested with `sinks.segment_heads` under the rule and with every key scored.
+
+    Returns `table` (segment_heads under the rule), the `TEASER_QUANTITIES` (`separating`: heads
+    that separate the sentences under the rule, `n_heads`, `separating_no_cutoff`), and the head to
+    draw: `layer`, `head`, `separates` (`teaser_head`), `caught` (T,) its catching sinks under the
+    rule, and `label`, a caption saying whether it separates the sentences."""
+    from .sinks import groups_from_spans, segment_heads
+
+    groups = groups_from_spans(st.tokens, text, spans)
+    ruled = cut([st], min_queries)[0]
+    table = segment_heads(ruled, groups, eps)
+    layer, head, ok = teaser_head(table)
+    return dict(table=table, separating=int(table["separates"].sum()), n_heads=int(len(table)),
+                separating_no_cutoff=int(segment_heads(st, groups, eps)["separates"].sum()),
+                layer=layer, head=head, separates=ok,
+                caught=ruled.caught(eps)[ruled.layers.index(layer), head].tolist(),
+                label=("separates the sentences" if ok
+                       else "no head separates the sentences; the closest one"))
+
+
+TEASER_QUANTITIES = ("separating", "n_heads", "separating_no_cutoff")
+
+
+# --------------------------------------------------------------------------------------------------
+# The catch chapter: tables, the segment map, and the quantities it reports
+
+
+def catch_tables(stats: Sequence[SinkStats], eps: float = DEFAULT_EPS, min_queries: int = CUTOFF) -> dict:
+    """One model's catch tables from its statistics (every key scored, as from `chapter_stats`):
+    `stats` (the rule applied, `cut`), `seg` (`tags.segment_table`), `depth` (`tags.catch_by_layer`)
+    and `min_tokens` (the shortest prompt, in tokens)."""
+    from .tags import catch_by_layer, segment_table
+
+    ruled = cut(stats, min_queries)
+    return dict(stats=ruled, seg=segment_table(ruled, eps), depth=catch_by_layer(ruled, eps),
+                min_tokens=min(len(st.tokens) for st in ruled))
+
+
+def map_choice(run: dict, n_layers: int = 3) -> tuple[int, list[int]]:
+    """(prompt, layers) of a `catch_tables` run's segment map: `busiest_prompt_layers`, or prompt 0
+    and the last layer when no non-first sink catches anything."""
+    p, layers = busiest_prompt_layers(run["seg"], n_layers)
+    return p, layers or [run["stats"][0].layers[-1]]
+
+
+def segment_map_data(st: SinkStats, layers: Sequence[int], eps: float = DEFAULT_EPS, window: int = 80) -> dict:
+    """What the catch chapter's segment map draws for one prompt: one row per (layer, head) of
+    `layers`, one column per token of the first `window` tokens.
+
+    Returns `codes` (rows, W) int: 0 not caught, 1 caught by the first token, 2 + j caught by
+    `other_sinks[j]`; `other_sinks` (sorted positions of the non-first sinks that catch something in
+    these rows), `sinks` (per row, the positions of that head's sinks within the window), `rows`
+    ((layer, head) per row) and `tokens` (the first W tokens)."""
+    W = min(window, len(st.tokens))
+    idx = [st.layers.index(l) for l in layers]
+    caught = st.caught(eps)[idx][..., :W]  # (len(layers), H, W)
+    sinks = st.sinks(eps)[idx][..., :W]
+    other = sorted({int(k) for k in caught.flatten().tolist() if k > 0})
+    code = {k: j + 2 for j, k in enumerate(other)}
+    flat = caught.reshape(-1, W)
+    codes = np.array([[0 if k < 0 else 1 if k == 0 else code[k] for k in row] for row in flat.tolist()], dtype=int)
+    H = caught.shape[1]
+    return dict(codes=codes.reshape(-1, W), other_sinks=other, tokens=list(st.tokens[:W]),
+                rows=[(int(l), h) for l in layers for h in range(H)],
+                sinks=[torch.nonzero(r).flatten().tolist() for r in sinks.reshape(-1, W)])
+
+
+CATCH_FORMATS = dict(caught_share=".0%", caught_first=".0%", caught_other=".1%", first_len=".0f",
+                     first_seg_share=".0%", other_len=".0f", other_seg_share=".0%", other_one_run=".0%",
+                     other_starts_after=".0%", other_catching=".0%", other_visible=".0f",
+                     boundary_share=".0%", the_share=".0%", the_position=".0f",
+                     early=".0%", later=".0%", peak_other=".1%")
+
+
+def segments_by_kind(seg: pd.DataFrame) -> dict:
+    """{"first": the first-token segments, "other": the non-first segments that catch something}
+    of a `tags.segment_table`, each left out when empty."""
+    parts = dict(first=seg[seg["kind"] == "first"], other=seg[(seg["kind"] != "first") & (seg["n_caught"] > 0)])
+    return {k: v for k, v in parts.items() if len(v)}
+
+
+def _token_label(tokens: pd.Series) -> pd.Series:
+    """Tokens as labels: line breaks shown as \\n, spaces stripped, a blank token as '␣'."""
+    return tokens.str.replace("\n", "\\n").str.strip().replace("", "␣")
+
+
+def catch_by_token(seg: pd.DataFrame, n: int = 12) -> pd.Series:
+    """Tokens caught by non-first sinks, summed by the sink's token (label as `_token_label`), the
+    `n` largest, in decreasing order."""
+    other = seg[seg["kind"] != "first"]
+    return other.groupby(_token_label(other["token"]))["n_caught"].sum().sort_values(ascending=False).head(n)
+
+
+def catch_token_quantities(seg: pd.DataFrame, word: str = "the") -> dict:
+    """Which tokens the non-first sinks are, weighted by what they catch: `top_token` (repr of the
+    leading one, "none" when none), `boundary_share` (share of their catch held by punctuation and
+    line breaks, `catch_by_kind`), `the_share` (share held by sinks whose token is `word`, spaces
+    stripped) and `the_position` (median position of those sinks; None when there is none)."""
+    other = seg[seg["kind"] != "first"]
+    by_tok = catch_by_token(seg)
+    is_word = _token_label(other["token"]) == word
+    k = catch_by_kind(seg)
+    return dict(top_token=repr(by_tok.index[0]) if len(by_tok) else "none",
+                boundary_share=float(k.loc[["punctuation", "newline"], "share_of_caught"].sum()),
+                the_share=float(other[is_word]["n_caught"].sum() / max(other["n_caught"].sum(), 1)),
+                the_position=float(other[is_word]["position"].median()) if is_word.any() else None)
+
+
+def depth_quantities(depth: pd.DataFrame) -> dict:
+    """From `tags.catch_by_layer`: `early` and `later`, the share of (token, head) pairs caught in the
+    first sixth of the layers (at least one layer) and in the rest (mean over layers), and
+    `peak_other_layer` / `peak_other`, the layer where non-first sinks catch the most and that share."""
+    if depth.empty:
+        raise CatchtagError("catch_by_layer gave no layers: capture at least one layer")
+    n = len(depth)
+    caught = 1 - depth["not_caught"]
+    return dict(early=float(caught.iloc[: max(1, n // 6)].mean()), later=float(caught.iloc[n // 6 :].mean()),
+                peak_other_layer=int(depth["layer"][depth["caught_other"].idxmax()]),
+                peak_other=float(depth["caught_other"].max()))

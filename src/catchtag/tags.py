@@ -35,7 +35,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .capture import Capture, head_outputs, per_head_project
+from .capture import Capture, per_head_project
 from .errors import CatchtagError
 from .models import Model
 from .sinks import DEFAULT_EPS, SinkStats, check_eps, sink_stats, token_kind
@@ -94,8 +94,9 @@ def explained_variance(outputs: torch.Tensor, basis: torch.Tensor) -> float:
     return float((project(H, basis.to(H.dtype)) ** 2).sum()) / total
 
 
-def _variance_parts(outputs: torch.Tensor, basis: torch.Tensor, k_pca: int) -> dict:
-    """Numerators and denominators of the EV variants for one head of one prompt."""
+def _variance_sums(outputs: torch.Tensor, basis: torch.Tensor) -> tuple[dict, torch.Tensor]:
+    """Numerators and denominators of the EV variants for one head of one prompt (all but the PCA
+    bound), and the centred rows Hc (n, d)."""
     X = torch.as_tensor(outputs, dtype=torch.float64)
     Hc = X - X.mean(dim=0, keepdim=True)
     b = basis.to(torch.float64)
@@ -105,11 +106,22 @@ def _variance_parts(outputs: torch.Tensor, basis: torch.Tensor, k_pca: int) -> d
         num_raw=float(((X @ b) ** 2).sum()),
         den_raw=float((X**2).sum()),
     )
-    # squared singular values of Hc = eigenvalues of the small Gram matrix (n x n, n = caught tokens);
-    # much faster than an SVD of the (n, d_model) matrix when the CPU is shared
-    ev = torch.linalg.eigvalsh(Hc @ Hc.T).flip(0).clamp_min(0.0)
-    out["num_pca"] = float(ev[:k_pca].sum()) if k_pca > 0 else 0.0
-    return out
+    return out, Hc
+
+
+def _top_eigen_sums(centred: list[torch.Tensor], ks: list[int]) -> list[float]:
+    """For each centred matrix Hc (n_i, d): the sum of its k_i largest squared singular values, the
+    variance of its top-k_i principal components. They are the eigenvalues of the small Gram
+    matrices Hc Hc^T (n_i x n_i), zero-padded to one size and decomposed in one batched call (the
+    padding only adds zero eigenvalues)."""
+    if not centred:
+        return []
+    n = max(h.shape[0] for h in centred)
+    G = torch.zeros(len(centred), n, n, dtype=torch.float64)
+    for i, h in enumerate(centred):
+        G[i, : h.shape[0], : h.shape[0]] = h @ h.T
+    ev = torch.linalg.eigvalsh(G).flip(-1).clamp_min(0.0)
+    return [float(ev[i, :k].sum()) if k > 0 else 0.0 for i, k in enumerate(ks)]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -141,22 +153,37 @@ def head_tags(model: Model, cap: Capture, st: SinkStats, layer: int, eps: float 
 
     Returns one dict per head: `head`, `sinks` (list of positions), `tags` (n_sinks, d_model),
     `caught` (T,) long (catching sink or -1), `members` (positions of caught non-sink tokens),
-    `outputs` (T, d_model) the head outputs o_i.
+    `outputs` (T, d_model) the head outputs o_i, `token_tags` (T, d_model) W_O^h v_j of every
+    token j (the sinks' rows are their tags).
     """
+    return _layer_heads(model, cap, st, layer, eps, _masks)[0]
+
+
+def _layer_heads(model: Model, cap: Capture, st: SinkStats, layer: int, eps: float = DEFAULT_EPS,
+                 _masks=None, value_space: bool = False):
+    """(`head_tags` list, the layer's tensors): the attention probabilities of the layer are
+    computed once. The tensors: `outputs` and `token_tags` (H, T, d_model), `sinks` (H, T) bool,
+    `caught` (H, T), and `X` = A V (H, T, dh) in float64 when `value_space` (for
+    `value_space_ev`), else None."""
+    from .capture import attention_probs
+
     eps = check_eps(eps)
     li = st.layers.index(layer)
     all_sinks, all_caught = _masks if _masks is not None else (st.sinks(eps), st.caught(eps))
     sinks, caught = all_sinks[li], all_caught[li]
-    outs = head_outputs(model, cap, layer)
+    ai = cap.attn_inputs[layer]
+    A = attention_probs(ai)
+    outs = per_head_project(model, layer, A @ ai.v)  # = capture.head_outputs
     tags = tag_vectors(model, cap, layer)
+    layer_tensors = dict(outputs=outs, token_tags=tags, sinks=sinks, caught=caught,
+                         X=A.double() @ ai.v.double() if value_space else None)
     res = []
     for h in range(model.n_heads):
         pos = torch.nonzero(sinks[h]).flatten().tolist()
         members = torch.nonzero((caught[h] >= 0) & ~sinks[h]).flatten().tolist()
-        res.append(
-            dict(head=h, sinks=pos, tags=tags[h, pos], caught=caught[h], members=members, outputs=outs[h])
-        )
-    return res
+        res.append(dict(head=h, sinks=pos, tags=tags[h, pos], caught=caught[h], members=members,
+                        outputs=outs[h], token_tags=tags[h]))
+    return res, layer_tensors
 
 
 def head_explained_variance(
@@ -211,15 +238,35 @@ def head_explained_variance(
     for p, (cap, st) in bar:
         masks = (st.sinks(eps), st.caught(eps))
         for layer in layers:
-            for ht in head_tags(model, cap, st, layer, eps, masks):
-                n_tags, members = len(ht["sinks"]), ht["members"]
-                row = dict(prompt=p, layer=layer, head=ht["head"], n_tags=n_tags, n_caught=len(members))
-                if n_tags == 0 or len(members) < max(2, min_caught):
-                    row.update(num=np.nan, den=np.nan, num_raw=np.nan, den_raw=np.nan, num_pca=np.nan)
-                else:
-                    basis = orthonormal_basis(ht["tags"])
-                    row.update(_variance_parts(ht["outputs"][members], basis, basis.shape[1]))
-                rows.append(row)
+            rows += _ev_rows(head_tags(model, cap, st, layer, eps, masks), p, layer, min_caught)
+    return _ev_table(rows, layers, model.n_heads, per_prompt)
+
+
+def _ev_rows(heads: list[dict], p: int, layer: int, min_caught: int = 2, pca: bool = True) -> list[dict]:
+    """`head_explained_variance`'s sums for one prompt and layer, from its `head_tags` (without
+    `pca`, the PCA bound's numerator is NaN)."""
+    rows, centred, ks, counted = [], [], [], []
+    for ht in heads:
+        n_tags, members = len(ht["sinks"]), ht["members"]
+        row = dict(prompt=p, layer=layer, head=ht["head"], n_tags=n_tags, n_caught=len(members))
+        if n_tags == 0 or len(members) < max(2, min_caught):
+            row.update(num=np.nan, den=np.nan, num_raw=np.nan, den_raw=np.nan, num_pca=np.nan)
+        else:
+            basis = orthonormal_basis(ht["tags"])
+            sums, Hc = _variance_sums(ht["outputs"][members], basis)
+            row.update(sums, num_pca=np.nan)
+            if pca:
+                centred.append(Hc)
+                ks.append(basis.shape[1])
+                counted.append(row)
+        rows.append(row)
+    for row, v in zip(counted, _top_eigen_sums(centred, ks)):
+        row["num_pca"] = v
+    return rows
+
+
+def _ev_table(rows: list[dict], layers: Sequence[int], n_heads: int, per_prompt: bool = False) -> pd.DataFrame:
+    """`head_explained_variance`'s table from its per-(prompt, layer, head) sums."""
     df = pd.DataFrame(rows)
     with np.errstate(invalid="ignore", divide="ignore"):
         df["ev"] = df["num"] / df["den"]
@@ -234,14 +281,14 @@ def head_explained_variance(
         dict(
             ev=g["num"].sum() / g["den"].sum(),
             ev_raw=g["num_raw"].sum() / g["den_raw"].sum(),
-            ev_pca=g["num_pca"].sum() / g["den"].sum(),
+            ev_pca=g["num_pca"].sum(min_count=1) / g["den"].sum(),
             n_tags=g["n_tags"].mean(),
             n_caught=g["n_caught"].sum(),
             n_prompts=g.size(),
             ev_mean=g["ev"].mean(),
         )
     )
-    full = pd.MultiIndex.from_product([layers, range(model.n_heads)], names=["layer", "head"])
+    full = pd.MultiIndex.from_product([layers, range(n_heads)], names=["layer", "head"])
     agg = agg.reindex(full)
     agg["n_caught"] = agg["n_caught"].fillna(0).astype(int)
     agg["n_prompts"] = agg["n_prompts"].fillna(0).astype(int)
@@ -275,33 +322,73 @@ def ev_bands(table: pd.DataFrame, column: str = "ev") -> dict:
 
 
 def tag_cosines(model: Model, cap: Capture, st: SinkStats, layer: int, eps: float = DEFAULT_EPS,
-                heads: Sequence[int] | None = None, _masks=None) -> pd.DataFrame:
+                heads: Sequence[int] | None = None, _masks=None, seed: int = 0, prompt: int = 0,
+                _layer: dict | None = None) -> pd.DataFrame:
     """One row per (head, sink, query): cos(o_i, t_s) for every non-sink query i after sink s,
-    and whether s catches i. Columns: layer, head, sink, query, caught, cos, attn (A_is is not
-    stored; `caught` is the book's definition)."""
-    rows = []
-    for ht in head_tags(model, cap, st, layer, eps, _masks):
-        if heads is not None and ht["head"] not in heads:
-            continue
-        sinks = ht["sinks"]
-        if not sinks:
-            continue
-        O = ht["outputs"].double()
-        On = O / O.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-        for s, t in zip(sinks, ht["tags"].double()):
-            tn = t / t.norm().clamp_min(1e-12)
-            cos = (On @ tn).tolist()
-            for i in range(s + 1, len(cap.tokens)):
-                if i in sinks:
-                    continue
-                rows.append(dict(layer=layer, head=ht["head"], sink=s, query=i,
-                                 caught=bool(ht["caught"][i] == s), cos=cos[i]))
-    return pd.DataFrame(rows, columns=["layer", "head", "sink", "query", "caught", "cos"])
+    and whether s catches i. Columns: layer, head, sink, query, caught, cos, cos_other (A_is is
+    not stored; `caught` is the book's definition). Rows in the order head, sink, query.
+
+    `cos_other` is the baseline (ours): cos(o_i, t_j), t_j = W_O^h v_j the value of another token
+    of the same head, j drawn at random for each row among the head's non-sink tokens j >= 1,
+    j != i (NaN when there is no such token). If the head's outputs lean on the sink's value and
+    not on what every value of the head shares, cos exceeds cos_other on the caught rows. The
+    draws are fixed by (`seed`, `prompt`, `layer`)."""
+    L = _layer if _layer is not None else _layer_heads(model, cap, st, layer, eps, _masks)[1]
+    S, C = L["sinks"].numpy(), L["caught"].numpy()
+    H, T = S.shape
+    hp, sp = np.nonzero(S)  # (head, sink) pairs, head-major
+    if heads is not None:
+        keep = np.isin(hp, list(heads))
+        hp, sp = hp[keep], sp[keep]
+    if not len(hp):
+        return _cosine_frame([])
+    unit = lambda x: x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)  # noqa: E731
+    On = unit(L["outputs"].double())  # (H, T, d)
+    Tn = unit(L["token_tags"].double())  # (H, T, d): the tag of every token
+    # cos(t_s, o_i) for every pair and token: each head's sink tags (padded to the most sinks of a
+    # head) against that head's outputs, one batched product
+    slot = np.arange(len(hp)) - np.searchsorted(hp, hp)  # the pair's index among its head's sinks
+    picked = torch.zeros(H, int(slot.max()) + 1, Tn.shape[-1], dtype=torch.float64)
+    picked[torch.as_tensor(hp), torch.as_tensor(slot)] = Tn[torch.as_tensor(hp), torch.as_tensor(sp)]
+    cos_pairs = (picked @ On.transpose(1, 2))[torch.as_tensor(hp), torch.as_tensor(slot)].numpy()  # (pairs, T)
+    pi, query = np.nonzero((np.arange(T)[None, :] > sp[:, None]) & ~S[hp])  # later non-sink queries
+    head, sink = hp[pi], sp[pi]
+    # baseline: another non-sink token j >= 1 of the same head, j != i, uniformly at random
+    cand = ~S
+    cand[:, 0] = False
+    n_cand = cand.sum(axis=1)[head]
+    order = np.argsort(~cand, axis=1, kind="stable")  # each head's candidates first, ascending
+    rank = np.cumsum(cand, axis=1) - 1  # a candidate's index among its head's candidates
+    rng = np.random.default_rng([int(seed), int(prompt), int(layer)])
+    r = np.floor(rng.random(len(query)) * np.maximum(n_cand - 1, 1)).astype(int)
+    j = order[head, r + (r >= rank[head, query])]  # skip the query itself
+    h_t, q_t, j_t = (torch.as_tensor(x) for x in (head, query, j))
+    other = (On[h_t, q_t] * Tn[h_t, j_t]).sum(-1).numpy()
+    other[n_cand < 2] = np.nan
+    return _cosine_frame([pd.DataFrame(dict(layer=layer, head=head, sink=sink, query=query,
+                                            caught=C[head, query] == sink, cos=cos_pairs[pi, query],
+                                            cos_other=other))])
+
+
+_COSINE_COLUMNS = ["layer", "head", "sink", "query", "caught", "cos", "cos_other"]
+
+
+def _cosine_frame(parts: list[pd.DataFrame], prompt_column: bool = False) -> pd.DataFrame:
+    """The non-empty `parts` stacked, `caught` as bool; an empty table with the columns if none."""
+    cols = (["prompt"] if prompt_column else []) + _COSINE_COLUMNS
+    parts = [x for x in parts if len(x)]
+    if not parts:
+        out = pd.DataFrame({c: pd.Series(dtype=float) for c in cols})
+        out["caught"] = out["caught"].astype(bool)
+        return out
+    out = pd.concat(parts, ignore_index=True)[cols]
+    out["caught"] = out["caught"].astype(bool)
+    return out
 
 
 def tag_cosine_table(model: Model, caps, eps: float = DEFAULT_EPS, stats=None, layers=None,
-                     progress: bool = True) -> pd.DataFrame:
-    """`tag_cosines` over prompts and layers, with a `prompt` column."""
+                     progress: bool = True, seed: int = 0) -> pd.DataFrame:
+    """`tag_cosines` over prompts and layers, with a `prompt` column (`seed`: the baseline's draws)."""
     from .progress import progress as progress_bar
 
     caps = _as_list(caps)
@@ -311,10 +398,10 @@ def tag_cosine_table(model: Model, caps, eps: float = DEFAULT_EPS, stats=None, l
     for p, (cap, st) in progress_bar(list(enumerate(zip(caps, stats))), "tag cosines", enabled=progress):
         masks = (st.sinks(eps), st.caught(eps))
         for l in layers:
-            t = tag_cosines(model, cap, st, l, eps, _masks=masks)
+            t = tag_cosines(model, cap, st, l, eps, _masks=masks, seed=seed, prompt=p)
             t.insert(0, "prompt", p)
             parts.append(t)
-    return pd.concat(parts, ignore_index=True)
+    return _cosine_frame(parts, prompt_column=True)
 
 
 def pca_by_sink(model: Model, cap: Capture, st: SinkStats, layer: int, head: int,
@@ -370,18 +457,20 @@ def segment_table(stats: SinkStats | Sequence[SinkStats], eps: float = DEFAULT_E
     stats = [stats] if isinstance(stats, SinkStats) else list(stats)
     rows = []
     for p, st in enumerate(stats):
-        sinks = st.sinks(eps)
-        caught = st.caught(eps)
-        T = len(st.tokens)
+        sinks = st.sinks(eps).numpy()
+        caught = st.caught(eps).numpy()
+        received = st.received.numpy()
+        nonsink = ~sinks
+        # later non-sink queries of each key: sum over i > k of nonsink[..., i]
+        after = np.flip(np.cumsum(np.flip(nonsink, -1), -1), -1) - nonsink
         for li, layer in enumerate(st.layers):
-            for h, k in torch.nonzero(sinks[li]).tolist():
-                members = torch.nonzero(caught[li, h] == k).flatten().tolist()
-                members = [i for i in members if not sinks[li, h, i]]
-                visible = sum(1 for i in range(k + 1, T) if not sinks[li, h, i])
+            for h, k in zip(*(x.tolist() for x in np.nonzero(sinks[li]))):
+                members = np.nonzero((caught[li, h] == k) & nonsink[li, h])[0].tolist()
+                visible = int(after[li, h, k])
                 runs = _runs(members)
                 rows.append(dict(
                     prompt=p, layer=layer, head=h, position=k, token=st.tokens[k],
-                    kind=token_kind(st.tokens[k], k), received=float(st.received[li, h, k]),
+                    kind=token_kind(st.tokens[k], k), received=float(received[li, h, k]),
                     n_caught=len(members), n_visible=visible,
                     share=len(members) / visible if visible else np.nan,
                     n_runs=len(runs), longest_run=max(runs) if runs else 0,
@@ -486,33 +575,44 @@ def value_space_ev(
             if layer not in cap.attn_inputs:
                 raise CatchtagError(f"layer {layer} was not captured: capture it (layers=None captures all)")
             ai = cap.attn_inputs[layer]
-            V = ai.v.double()
-            X = attention_probs(ai).double() @ V  # (H, T, dh)
-            sk = sinks_all[st.layers.index(layer)]
-            for h in range(model.n_heads):
-                pos = torch.nonzero(sk[h]).flatten().tolist()
-                if not pos:
-                    continue
-                gen = torch.Generator().manual_seed(int(seed) * 1_000_003 + p * 10_007 + layer * 101 + h)
-                Ut = orthonormal_basis(V[h, pos])
-                r = Ut.shape[1]
-                others = [i for i in range(1, V.shape[1]) if i not in pos]
-                if len(others) >= r:
-                    pick = torch.randperm(len(others), generator=gen)[:r].tolist()
-                    Ur = orthonormal_basis(V[h, [others[i] for i in pick]])
-                else:
-                    Ur = torch.zeros(V.shape[-1], 0, dtype=torch.float64)
-                G = torch.randn(V.shape[-1], r, generator=gen, dtype=torch.float64)
-                bases = dict(tags=Ut, mean_value=orthonormal_basis(V[h].mean(0, keepdim=True)),
-                             random_token=Ur, random_subspace=torch.linalg.qr(G)[0])
-                row = dict(prompt=p, layer=layer, head=h, n_tags=len(pos), den=float((X[h] ** 2).sum()))
-                row.update({f"num_{k}": _norm_parts(X[h], U) for k, U in bases.items()})
-                if not Ur.shape[1]:
-                    row["num_random_token"] = np.nan
-                rows.append(row)
+            X = attention_probs(ai).double() @ ai.v.double()  # (H, T, dh)
+            rows += _ve_rows(ai.v.double(), X, sinks_all[st.layers.index(layer)], seed, p, layer)
+    return _ve_table(rows, layers, model.n_heads)
+
+
+def _ve_rows(V: torch.Tensor, X: torch.Tensor, sk: torch.Tensor, seed: int, p: int, layer: int) -> list[dict]:
+    """`value_space_ev`'s sums for one prompt and layer: V (H, T, dh) values, X = A V (H, T, dh),
+    sk (H, T) the sink mask."""
+    rows = []
+    for h in range(X.shape[0]):
+        pos = torch.nonzero(sk[h]).flatten().tolist()
+        if not pos:
+            continue
+        gen = torch.Generator().manual_seed(int(seed) * 1_000_003 + p * 10_007 + layer * 101 + h)
+        Ut = orthonormal_basis(V[h, pos])
+        r = Ut.shape[1]
+        others = [i for i in range(1, V.shape[1]) if i not in pos]
+        if len(others) >= r:
+            pick = torch.randperm(len(others), generator=gen)[:r].tolist()
+            Ur = orthonormal_basis(V[h, [others[i] for i in pick]])
+        else:
+            Ur = torch.zeros(V.shape[-1], 0, dtype=torch.float64)
+        G = torch.randn(V.shape[-1], r, generator=gen, dtype=torch.float64)
+        bases = dict(tags=Ut, mean_value=orthonormal_basis(V[h].mean(0, keepdim=True)),
+                     random_token=Ur, random_subspace=torch.linalg.qr(G)[0])
+        row = dict(prompt=p, layer=layer, head=h, n_tags=len(pos), den=float((X[h] ** 2).sum()))
+        row.update({f"num_{k}": _norm_parts(X[h], U) for k, U in bases.items()})
+        if not Ur.shape[1]:
+            row["num_random_token"] = np.nan
+        rows.append(row)
+    return rows
+
+
+def _ve_table(rows: list[dict], layers: Sequence[int], n_heads: int) -> pd.DataFrame:
+    """`value_space_ev`'s table from its per-(prompt, layer, head) sums."""
     cols = ["prompt", "layer", "head", "n_tags", "den"] + [f"num_{k}" for k in EV_MEASURES]
     df = pd.DataFrame(rows, columns=cols)
-    full = pd.MultiIndex.from_product([layers, range(model.n_heads)], names=["layer", "head"])
+    full = pd.MultiIndex.from_product([layers, range(n_heads)], names=["layer", "head"])
     g = df.groupby(["layer", "head"])
     out = pd.DataFrame(index=full)
     for k in EV_MEASURES:
@@ -701,14 +801,72 @@ REPRODUCED, PARTLY, NOT_REPRODUCED, OFFLINE = "reproduced", "partly", "not repro
 
 def cosine_summary(cos: pd.DataFrame) -> dict:
     """Medians of cos(o_i, t_s) (`tag_cosine_table`) for caught and not caught tokens, all sinks
-    and non-first sinks only: cos_caught, cos_not, cos_caught_other, cos_not_other."""
+    and non-first sinks only: cos_caught, cos_not, cos_caught_other, cos_not_other; with a
+    `cos_other` column also `cos_other_value`, the baseline's median over the caught rows
+    (cos(o_i, t_j) for another token j of the same head)."""
     first = cos.sink == 0
 
-    def med(sel):
-        return float(cos.cos[sel].median()) if sel.any() else float("nan")
+    def med(sel, column="cos"):
+        x = cos[column][sel].dropna()
+        return float(x.median()) if len(x) else float("nan")
 
-    return dict(cos_caught=med(cos.caught), cos_not=med(~cos.caught),
-                cos_caught_other=med(cos.caught & ~first), cos_not_other=med(~cos.caught & ~first))
+    out = dict(cos_caught=med(cos.caught), cos_not=med(~cos.caught),
+               cos_caught_other=med(cos.caught & ~first), cos_not_other=med(~cos.caught & ~first))
+    if "cos_other" in cos:
+        out["cos_other_value"] = med(cos.caught, "cos_other")
+    return out
+
+
+def cluster_median_interval(values, groups, n_boot: int = 1000, level: float = 0.95, seed: int = 0,
+                            resolution: float = 1e-3) -> tuple[float, float, float]:
+    """(median, low, high): the median of `values` pooled over every group, and its percentile
+    bootstrap interval resampling whole groups (prompts: the independent units) with replacement.
+
+    Each resample's median is read from a histogram of `resolution`-wide bins (the bin's centre),
+    so the bounds are exact to resolution / 2; the median itself is exact. NaN values are dropped;
+    with fewer than two groups the bounds are NaN. `seed` fixes the draws."""
+    v = np.asarray(values, dtype=float)
+    g = np.asarray(groups)
+    keep = ~np.isnan(v)
+    v, g = v[keep], g[keep]
+    nan = float("nan")
+    if v.size == 0:
+        return nan, nan, nan
+    med = float(np.median(v))
+    labels, gi = np.unique(g, return_inverse=True)
+    if len(labels) < 2:
+        return med, nan, nan
+    lo_edge = np.floor(v.min() / resolution) * resolution
+    n_bins = int(np.ceil((v.max() - lo_edge) / resolution)) + 1
+    bins = np.minimum(((v - lo_edge) / resolution).astype(int), n_bins - 1)
+    hist = np.zeros((len(labels), n_bins))
+    np.add.at(hist, (gi, bins), 1.0)
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(0, len(labels), size=(n_boot, len(labels)))
+    counts = np.zeros((n_boot, len(labels)))
+    np.add.at(counts, (np.arange(n_boot)[:, None], draws), 1.0)
+    cum = np.cumsum(counts @ hist, axis=1)  # (n_boot, n_bins)
+    idx = (cum >= cum[:, -1:] / 2).argmax(axis=1)
+    lo, hi = np.quantile(lo_edge + (idx + 0.5) * resolution, [(1 - level) / 2, (1 + level) / 2])
+    return med, float(lo), float(hi)
+
+
+def cosine_intervals(cos: pd.DataFrame, n_boot: int = 1000, level: float = 0.95, seed: int = 0) -> dict:
+    """95% intervals (`cluster_median_interval`, resampling prompts) of the medians of a
+    `tag_cosine_table` with a `prompt` column: `cos_caught_lo/_hi`, `cos_not_lo/_hi`,
+    `cos_other_value_lo/_hi` (the baseline on the caught rows), and the paired difference on the
+    caught rows, `cos_minus_other` = median of cos - cos_other, with `cos_minus_other_lo/_hi`."""
+    caught = cos[cos.caught]
+    parts = dict(cos_caught=(caught.cos, caught.prompt), cos_not=(cos.cos[~cos.caught], cos.prompt[~cos.caught]),
+                 cos_other_value=(caught.cos_other, caught.prompt),
+                 cos_minus_other=(caught.cos - caught.cos_other, caught.prompt))
+    out = {}
+    for key, (v, g) in parts.items():
+        m, lo, hi = cluster_median_interval(v, g, n_boot, level, seed)
+        if key == "cos_minus_other":
+            out[key] = m
+        out[f"{key}_lo"], out[f"{key}_hi"] = lo, hi
+    return out
 
 
 def verdict_tag_direction(per_model: dict, min_cos: float = 0.5, min_gap: float = 0.2) -> str:
@@ -722,3 +880,124 @@ def verdict_tag_direction(per_model: dict, min_cos: float = 0.5, min_gap: float 
         raise CatchtagError("verdict_tag_direction needs at least one model's cosines")
     ok = [c >= min_cos and c - n >= min_gap for c, n in per_model.values()]
     return REPRODUCED if all(ok) else PARTLY if any(ok) else NOT_REPRODUCED
+
+
+# --------------------------------------------------------------------------------------------------
+# The tag chapter: every measure of one model, the quantities it reports, its figure's head
+
+
+def tag_measures(model: Model, caps: Sequence[Capture], eps: float = DEFAULT_EPS, seed: int = 0,
+                 noop_ratio: float = 0.25, progress: bool = False) -> dict:
+    """Every measure of the tag chapter on one model's captures (all layers, with `resid_post`):
+
+    - `stats`: `sinks.sink_stats` of each capture (the census rule at its default cut-off);
+    - `cos`: `tag_cosine_table` (cos(head output, tag) per (token, sink), with the baseline);
+    - `ve`: `value_space_ev` (the paper's VE and its baselines; `seed` fixes the random ones);
+    - `ev`: `head_explained_variance` (ours, centred), without its PCA bound (`ev_pca` NaN: the
+      chapter does not show it, and it costs one eigendecomposition per head);
+    - `geometry`: `tag_geometry` ((pairs, sinks); `noop_ratio` for no-op sinks);
+    - `seg`: `segment_table` (the segments, for the figure's head)."""
+    from .progress import progress as progress_bar
+
+    eps = check_eps(eps)
+    caps = _as_list(caps)
+    stats = [sink_stats(c) for c in caps]
+    layers = caps[0].layers
+    cos, ev, ve = [], [], []
+    # one pass: each layer's attention and head outputs are computed once for the three measures
+    # (the same numbers as tag_cosine_table, head_explained_variance and value_space_ev)
+    for p, (cap, st) in progress_bar(list(enumerate(zip(caps, stats))), "tag measures", enabled=progress):
+        masks = (st.sinks(eps), st.caught(eps))
+        for layer in layers:
+            heads, L = _layer_heads(model, cap, st, layer, eps, masks, value_space=True)
+            t = tag_cosines(model, cap, st, layer, eps, seed=seed, prompt=p, _layer=L)
+            t.insert(0, "prompt", p)
+            cos.append(t)
+            ev += _ev_rows(heads, p, layer, pca=False)
+            ve += _ve_rows(cap.attn_inputs[layer].v.double(), L["X"], L["sinks"], seed, p, layer)
+    return dict(
+        stats=stats, cos=_cosine_frame(cos, prompt_column=True), ve=_ve_table(ve, layers, model.n_heads),
+        ev=_ev_table(ev, layers, model.n_heads),
+        geometry=tag_geometry(model, caps, eps, stats=stats, noop_ratio=noop_ratio, progress=progress),
+        seg=segment_table(stats, eps),
+    )
+
+
+def tag_quantities(run: dict, model: Model, seed: int = 0) -> dict:
+    """The numbers the tag chapter reports for one model, from `tag_measures`: the heads
+    (`n_query_heads`, `n_kv_heads`), the prompts' `min_tokens` and `max_tokens`, `cosine_summary` and `cosine_intervals`, the `ev_summary` of
+    the paper's VE with our EV's medians (`ev_median`, `ev_raw_median`), `ve_paper_median` (=
+    `ve_tags_median`), `ve_tags_minus_mean` (tags' median VE minus the mean value direction's),
+    `ve_max`, `n_tags` (mean tags per head with a VE), `geometry_summary`, and `cos_random`
+    (`random_abs_cos` in d_model dimensions). Glue formats: `tag_formats`."""
+    ve = run["ve"]
+    lengths = [len(st.tokens) for st in run["stats"]]
+    out = dict(n_query_heads=model.n_heads, n_kv_heads=model.n_kv_heads, min_tokens=min(lengths),
+               max_tokens=max(lengths))
+    out.update(cosine_summary(run["cos"]))
+    out.update(cosine_intervals(run["cos"], seed=seed))
+    summ = ev_summary(ve)
+    summ.update({k: v for k, v in ev_summary(run["ev"]).items() if k in ("ev_median", "ev_raw_median")})
+    out.update(summ)
+    out.update(ve_paper_median=summ["ve_tags_median"],
+               ve_tags_minus_mean=summ["ve_tags_median"] - summ["ve_mean_value_median"],
+               ve_max=float(ve.ve_tags.max()), n_tags=float(ve.loc[ve.ve_tags.notna(), "n_tags"].mean()))
+    out.update(geometry_summary(*run["geometry"]))
+    out["cos_random"] = random_abs_cos(model.d_model, seed=seed)
+    return out
+
+
+def tag_formats(values: dict) -> dict:
+    """Glue formats of `tag_quantities`: cosines to 2 decimals (`cos_random` to 3), shares (VE,
+    EV, no-op) as percentages (`ve_tags_minus_mean` signed), `n_tags` to 1 decimal, counts plain."""
+    def spec(k):
+        if k == "cos_random":
+            return ".3f"
+        if k == "ve_tags_minus_mean":
+            return "+.0%"
+        if k == "n_tags":
+            return ".1f"
+        if k.startswith("cos"):
+            return ".2f"
+        if k.startswith(("ve", "ev", "noop")):
+            return ".0%"
+        return ""
+    return {k: spec(k) for k in values}
+
+
+def two_sink_figure(model: Model, caps: Sequence[Capture], run: dict, eps: float = DEFAULT_EPS) -> dict | None:
+    """What the tag chapter's figure draws for one model: the head and prompt of `two_sink_head`
+    (None when no head has two catching sinks), its outputs in the plane of their top two
+    principal components (`pca`, from `pca_by_sink`) and in the plane of the two sinks' tags
+    (`tag_plane`): `plane_xy` (n, 2) for the non-sink tokens j >= 1 (`plane_positions`),
+    `plane_label` their catching sink (-1: none), `plane_tags` (2, 2) the two tags. Also
+    `prompt`, `layer`, `head`, `sinks` (s1, s2), `tokens`, and the glue texts `fig_head`,
+    `fig_sinks`."""
+    best = two_sink_head(run["seg"])
+    if best is None:
+        return None
+    p, layer, head, (s1, s2) = best
+    cap, st = caps[p], run["stats"][p]
+    ht = head_tags(model, cap, st, layer, eps)[head]
+    xy, txy = tag_plane(ht["tags"][[ht["sinks"].index(s1), ht["sinks"].index(s2)]], ht["outputs"])
+    others = [i for i in range(1, len(cap.tokens)) if i not in ht["sinks"]]
+    toks = cap.tokens
+    return dict(prompt=p, layer=layer, head=head, sinks=(s1, s2), tokens=toks,
+                pca=pca_by_sink(model, cap, st, layer, head, eps), plane_xy=xy[others],
+                plane_label=ht["caught"].numpy()[others], plane_positions=others, plane_tags=txy,
+                fig_head=f"layer {layer}, head {head}", fig_sinks=f"{toks[s1]!r} and {toks[s2]!r}")
+
+
+VE_LABELS = dict(tags="sinks' values (tags)", mean_value="mean value direction",
+                 random_token="random non-sink tokens' values", random_subspace="random subspace")
+
+
+def ve_medians_table(quantities: dict) -> pd.DataFrame:
+    """{model: `tag_quantities`} as a table of medians over heads (as percentages, text): the
+    paper's VE of the tags and of each baseline (`VE_LABELS`), VE² of the tags and of the mean
+    value direction, and our EV, centred and uncentred; one column per model."""
+    rows = {f"ve_{k}_median": f"VE, {VE_LABELS[k]}" for k in EV_MEASURES}
+    rows.update({f"ve2_{k}_median": f"VE², {VE_LABELS[k]}" for k in ("tags", "mean_value")})
+    rows.update(ev_median="EV (ours, centred)", ev_raw_median="EV (ours, uncentred)")
+    return pd.DataFrame({m: {label: f"{q[k]:.0%}" for k, label in rows.items()} for m, q in quantities.items()}
+                        ).rename_axis("median over heads")
