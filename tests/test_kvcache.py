@@ -162,9 +162,6 @@ def test_parameters():
         kv.check_run(0, 64, "16")
     with pytest.raises(CatchtagError, match="chunk_tokens"):
         kv.check_run(2, 8, "16")
-    with pytest.raises(CatchtagError, match="remote=True"):
-        kv.check_local(True)
-    kv.check_local(False)
 
 
 def test_text_is_utf8_or_refused(tmp_path):

@@ -234,3 +234,16 @@ def test_verdict_notag_counts_a_probe_artefact_against_the_claim():
     assert verdict_notag(["information absent", "probe artefact"]) == "partly"
     assert verdict_notag(["probe artefact", "not near chance"]) == "not reproduced"
     assert verdict_notag([None]) == "pending"
+
+
+def test_mm_cv_runs_with_single_class_folds():
+    """Folds of one row hold one class: the CV scores mm_thr only, so it needs no AUROC there (a
+    small n_sentiment failed here before)."""
+    rng = np.random.default_rng(0)
+    y = np.array([1, 1, 1, 1, 1, 0, 0, 0, 0, 0])
+    X = rng.normal(size=(10, 3, 4)) + 3.0 * y[:, None, None]
+    cv = probes.mm_cv(X, y, np.arange(10), k=10)
+    assert cv.shape == (3,) and np.all(cv == 1.0)
+    with pytest.raises(CatchtagError, match="both classes"):
+        probes.mass_mean(X[2:], y[2:], X[:1], y[:1])
+    assert "auroc" not in probes.mass_mean(X[2:], y[2:], X[:1], y[:1], with_auroc=False)

@@ -186,13 +186,6 @@ def check_run(n_chunks: int, chunk_tokens: int, budgets) -> list[int]:
     return parse_budgets(budgets, chunk_tokens)
 
 
-def check_local(remote) -> None:
-    """The mask path passes custom 4-D masks and runs many forwards: it runs locally only."""
-    if remote is True:
-        raise CatchtagError("remote=True is not supported here: the KV-cache chapter passes custom 4-D "
-                            "attention masks to the model, which we have not run on NDIF; use remote=False")
-
-
 # --------------------------------------------------------------------------------------------------
 # Sink scores (causal detection)
 

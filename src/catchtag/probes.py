@@ -152,12 +152,13 @@ def _check_xy(X, y):
     return X, y
 
 
-def mass_mean(Xtr, ytr, Xte, yte) -> dict[str, np.ndarray]:
+def mass_mean(Xtr, ytr, Xte, yte, with_auroc: bool = True) -> dict[str, np.ndarray]:
     """Mass-mean probes (Marks and Tegmark 2023), vectorised over any middle axes.
 
     X (n, ..., d). Returns, each of shape (...): `mm` accuracy of the Geometry of Truth probe
     (theta = mean(true) - mean(false), predict 1[x . theta > 0], no bias); `mm_thr` accuracy with
-    the threshold theta . (mu_true + mu_false) / 2 fitted on the training rows; `auroc` of x . theta.
+    the threshold theta . (mu_true + mu_false) / 2 fitted on the training rows; `auroc` of x . theta
+    (left out with `with_auroc=False`: a small cross-validation fold may hold one class only).
     """
     Xtr, ytr = _check_xy(Xtr, ytr)
     Xte, yte = np.asarray(Xte, dtype=np.float64), np.asarray(yte).astype(bool)
@@ -166,7 +167,10 @@ def mass_mean(Xtr, ytr, Xte, yte) -> dict[str, np.ndarray]:
     s = np.einsum("n...d,...d->n...", Xte, theta)
     b = np.einsum("...d,...d->...", (mu1 + mu0) / 2, theta)
     yb = yte.reshape((-1,) + (1,) * (s.ndim - 1))
-    return {"mm": ((s > 0) == yb).mean(0), "mm_thr": ((s > b) == yb).mean(0), "auroc": auroc(s, yte)}
+    out = {"mm": ((s > 0) == yb).mean(0), "mm_thr": ((s > b) == yb).mean(0)}
+    if with_auroc:
+        out["auroc"] = auroc(s, yte)
+    return out
 
 
 def mm_cv(X, y, groups, k: int = 5, seed: int = 0) -> np.ndarray:
@@ -176,7 +180,7 @@ def mm_cv(X, y, groups, k: int = 5, seed: int = 0) -> np.ndarray:
     accs = []
     for fold in group_folds(groups, k, seed):
         tr = np.setdiff1d(np.arange(len(y)), fold)
-        accs.append(mass_mean(X[tr], y[tr], X[fold], y[fold])["mm_thr"])
+        accs.append(mass_mean(X[tr], y[tr], X[fold], y[fold], with_auroc=False)["mm_thr"])
     return np.mean(accs, axis=0)
 
 
