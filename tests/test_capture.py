@@ -163,3 +163,20 @@ def test_grouped_matmul_and_repeated_kv_are_made_once():
     assert torch.allclose(attention_probs(ai), ref, atol=1e-6)
     full = AttnInputs(q=q, k=repeat_kv(k, 6), v=repeat_kv(v, 6), scaling=0.5)
     assert full.k is full.k_kv  # nothing to repeat when every query head has its own kv head
+
+
+def test_capture_without_logits_stops_early_with_the_same_numbers(any_model):
+    """Without logits the pass stops after the last needed layer (no final norm, no LM head:
+    issue 18); residuals and attention inputs equal those of a capture that runs to the logits,
+    locally and through the remote code path (remote='local')."""
+    full = capture(any_model, TEXT, resid=True, logits=True, progress=False)[0]
+    assert full.logits is not None and full.logits.shape[0] == full.n_tokens
+    for remote in (False, "local"):
+        cap = capture(any_model, TEXT, resid=True, remote=remote, progress=False)[0]
+        assert cap.logits is None
+        assert torch.equal(cap.resid_post, full.resid_post)
+        for layer in (0, any_model.n_layers - 1):
+            assert torch.equal(cap.attn_inputs[layer].q, full.attn_inputs[layer].q)
+            assert torch.equal(cap.attn_inputs[layer].v_kv, full.attn_inputs[layer].v_kv)
+    few = capture(any_model, TEXT, layers=[1], resid=False, remote="local", progress=False)[0]
+    assert torch.equal(few.attn_inputs[1].k_kv, full.attn_inputs[1].k_kv)

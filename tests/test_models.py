@@ -123,3 +123,22 @@ def test_split_character_display(smollm):
     shown = smollm.token_strings(ids)
     assert not any("\ufffd" in t for t in shown)
     assert len(set(shown)) == len(shown)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["smollm2-135m", "gemma3-270m"])
+def test_cached_load_equals_transformers_load(name):
+    """`_load_cached` (state dict read with safetensors, tied key filled: no random init) gives the
+    weights transformers' own load of the cache entry gives, tied the same way (issue 18)."""
+    spec = REGISTRY[name]
+    folder = models.cache_dir_for(spec.sha256)
+    if not cache_entry_valid(folder):
+        load_model(name)
+    fast, tok = models._load_cached(folder, torch.float32, "auto")
+    slow, _ = models._load_hf(str(folder), torch.float32, "auto", False)
+    a, b = fast.state_dict(), slow.state_dict()
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert fast.lm_head.weight.data_ptr() == fast.model.embed_tokens.weight.data_ptr()
+    assert fast.config._attn_implementation == slow.config._attn_implementation
+    assert type(tok).__name__ and tok("The cat").input_ids

@@ -249,9 +249,10 @@ def _capture_batch(model, texts, ids_list, layers, resid, want_logits, kwargs, o
     batch = torch.zeros(len(ids_list), T, dtype=torch.long)  # padding id 0: never seen (right padding)
     for b, ids in enumerate(ids_list):
         batch[b, : len(ids)] = ids
-    # Locally, nothing after the last wanted layer's attention inputs is needed without residuals
-    # or logits: stop the forward pass there (no later layers, no T x vocab logits).
-    stop_early = not resid and not want_logits and not kwargs
+    # Without logits nothing after the last needed layer is read: stop the forward pass there (no
+    # later layers, no final norm, no T x vocab LM head: 262k columns for Gemma). With residuals
+    # the last layer's output is read first, then the pass stops.
+    stop_early = not want_logits
     with torch.no_grad(), lm.trace(batch, **kwargs) as tracer:
         saved = nnsight.save([])
         resids = nnsight.save([])

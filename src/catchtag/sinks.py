@@ -267,7 +267,9 @@ def stats_streaming(ai: AttnInputs, min_queries: int = MIN_QUERIES, chunk: int =
 
 
 def _scored_alpha(stats: HeadStats, min_queries: int | None) -> torch.Tensor:
-    """(H, T) alpha with NaN where the key is not scored at `min_queries` (None: the stats' own)."""
+    """(..., H, T) alpha with NaN where the key is not scored at `min_queries` (None: the stats'
+    own). Works on one layer (alpha (H, T), n_queries (T,)) or on stacked layers (alpha (L, H, T),
+    n_queries (L, T))."""
     if min_queries is None or stats.alpha is None or stats.n_queries is None:
         if min_queries is not None and stats.alpha is None:
             raise CatchtagError(
@@ -275,9 +277,10 @@ def _scored_alpha(stats: HeadStats, min_queries: int | None) -> torch.Tensor:
                 "changed; rebuild them with sink_stats or stats_from_probs"
             )
         return stats.received
-    out = stats.alpha.clone()
-    out[..., ~scored_mask(stats.n_queries, min_queries)] = float("nan")
-    return out
+    unscored = ~scored_mask(stats.n_queries, min_queries)
+    if unscored.dim() > 1:  # (L, T) -> (L, 1, T), against alpha (L, H, T)
+        unscored = unscored.unsqueeze(-2)
+    return stats.alpha.masked_fill(unscored, float("nan"))
 
 
 def sinks_mask(stats: HeadStats, eps: float = DEFAULT_EPS, min_queries: int | None = None) -> torch.Tensor:
@@ -289,13 +292,13 @@ def sinks_mask(stats: HeadStats, eps: float = DEFAULT_EPS, min_queries: int | No
 
 def caught_by(stats: HeadStats, eps: float = DEFAULT_EPS, min_queries: int | None = None) -> torch.Tensor:
     """(H, T) long: the sink that catches query i in head h, or -1 when no sink catches it."""
-    sinks = sinks_mask(stats, eps, min_queries)
-    key = stats.top_key
-    is_sink = torch.zeros_like(key, dtype=torch.bool)
-    valid = key >= 0
-    is_sink[valid] = sinks.gather(1, key.clamp_min(0))[valid]
-    caught = is_sink & (stats.top_value >= eps)
-    return torch.where(caught, key, torch.full_like(key, -1))
+    return _caught_from(sinks_mask(stats, eps, min_queries), stats.top_key, stats.top_value, eps)
+
+
+def _caught_from(sinks: torch.Tensor, key: torch.Tensor, value: torch.Tensor, eps: float) -> torch.Tensor:
+    """`caught_by` from the sink mask (..., T), top keys and top values (..., T), any leading dims."""
+    is_sink = sinks.gather(-1, key.clamp_min(0)) & (key >= 0)
+    return torch.where(is_sink & (value >= eps), key, torch.full_like(key, -1))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -363,7 +366,12 @@ class SinkStats:
         """(L, H, T) alpha with NaN where the key is not scored at `min_queries` (None: the stats')."""
         if min_queries is None:
             return self.received
-        return torch.stack([_scored_alpha(self.layer(l), min_queries) for l in self.layers])
+        return _scored_alpha(self._all_layers(), min_queries)
+
+    def _all_layers(self) -> HeadStats:
+        """All layers at once as one HeadStats of (L, H, T) tensors (n_queries (L, T))."""
+        return HeadStats(self.received, self.row_sum, self.top_key, self.top_value, self.alpha,
+                         self.n_queries, self.self_attn, self.min_queries)
 
     def layer(self, layer: int) -> HeadStats:
         i = self.layers.index(layer)
@@ -373,11 +381,17 @@ class SinkStats:
 
     def sinks(self, eps: float = DEFAULT_EPS, min_queries: int | None = None) -> torch.Tensor:
         """(L, H, T) bool sink mask at threshold eps and cut-off min_queries (None: the stats')."""
-        return torch.stack([sinks_mask(self.layer(l), eps, min_queries) for l in self.layers])
+        return sinks_mask(self._all_layers(), eps, min_queries)
 
     def caught(self, eps: float = DEFAULT_EPS, min_queries: int | None = None) -> torch.Tensor:
         """(L, H, T) long: the sink catching each query, or -1."""
-        return torch.stack([caught_by(self.layer(l), eps, min_queries) for l in self.layers])
+        return caught_by(self._all_layers(), eps, min_queries)
+
+    def sinks_and_caught(self, eps: float = DEFAULT_EPS,
+                         min_queries: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(`sinks(eps, min_queries)`, `caught(eps, min_queries)`), the sink mask computed once."""
+        sinks = sinks_mask(self._all_layers(), eps, min_queries)
+        return sinks, _caught_from(sinks, self.top_key, self.top_value, eps)
 
 
 def sink_stats(cap: Capture, min_queries: int = MIN_QUERIES, chunk: int = 128) -> SinkStats:
@@ -403,51 +417,101 @@ def sink_stats_naive(cap: Capture, min_queries: int = MIN_QUERIES) -> SinkStats:
 # Census over prompts
 
 
+SINK_TABLE_COLUMNS = ["prompt", "layer", "head", "position", "token", "kind", "received", "n_caught",
+                      "n_queries", "from_end"]
+
+
+def _sink_rows(p: int, st: SinkStats, sinks: torch.Tensor, caught: torch.Tensor) -> dict | None:
+    """`sink_table`'s columns for one prompt (sinks (L, H, T) bool, caught (L, H, T) long), in the
+    order (layer, head, position); None when the prompt has no sink."""
+    li, h, k = sinks.nonzero(as_tuple=True)  # row-major: layer, then head, then position
+    if len(k) == 0:
+        return None
+    T = len(st.tokens)
+    L, H = sinks.shape[:2]
+    # n_caught[l, h, k]: queries of head (l, h) caught by k; index T counts the -1s (caught by none)
+    counts = torch.zeros(L, H, T + 1, dtype=torch.long)
+    counts.scatter_add_(-1, torch.where(caught >= 0, caught, T), torch.ones_like(caught))
+    alpha = st.received if st.alpha is None else st.alpha
+    layers = np.asarray(st.layers, dtype=np.int64)
+    kk = k.numpy()
+    tokens = st.tokens
+    nq = st.n_queries[li, k].to(torch.int64).numpy() if st.n_queries is not None else T - kk
+    return dict(
+        prompt=np.full(len(kk), p, dtype=np.int64), layer=layers[li.numpy()], head=h.numpy(), position=kk,
+        token=[tokens[i] for i in kk.tolist()], kind=[token_kind(tokens[i], i) for i in kk.tolist()],
+        received=alpha[li, h, k].to(torch.float64).numpy(), n_caught=counts[li, h, k].numpy(),
+        n_queries=np.asarray(nq, dtype=np.int64), from_end=T - 1 - kk,
+    )
+
+
+def _sink_frame(parts: list[dict]) -> pd.DataFrame:
+    if not parts:
+        return pd.DataFrame([], columns=SINK_TABLE_COLUMNS)
+    cols = {c: [] for c in SINK_TABLE_COLUMNS}
+    for part in parts:
+        for c in SINK_TABLE_COLUMNS:
+            cols[c].append(part[c])
+    data = {c: (sum(v, []) if c in ("token", "kind") else np.concatenate(v)) for c, v in cols.items()}
+    return pd.DataFrame(data, columns=SINK_TABLE_COLUMNS)
+
+
+def _head_rows(p: int, st: SinkStats, sinks: torch.Tensor, caught: torch.Tensor) -> dict:
+    """`head_table`'s columns for one prompt, in the order (layer, head)."""
+    L, H, T = sinks.shape
+    n = sinks.sum(-1).reshape(-1).numpy()
+    first = sinks[..., 0].reshape(-1).numpy()
+    if st.received.shape[-1] > 1:
+        share = ((caught[..., 1:] >= 0).sum(-1).to(torch.float64) / (T - 1)).reshape(-1).numpy()
+    else:
+        share = np.zeros(L * H)
+    return dict(
+        prompt=np.full(L * H, p, dtype=np.int64),
+        layer=np.repeat(np.asarray(st.layers, dtype=np.int64), H),
+        head=np.tile(np.arange(H, dtype=np.int64), L),
+        n_sinks=n.astype(np.int64), first_sink=first.astype(bool), n_other=(n - first).astype(np.int64),
+        caught_share=share.astype(np.float64),
+        min_row_sum=st.row_sum.amin(-1).to(torch.float64).reshape(-1).numpy(),
+    )
+
+
+HEAD_TABLE_COLUMNS = ["prompt", "layer", "head", "n_sinks", "first_sink", "n_other", "caught_share", "min_row_sum"]
+
+
+def _head_frame(parts: list[dict]) -> pd.DataFrame:
+    parts = [part for part in parts if len(part["prompt"])]
+    if not parts:
+        return pd.DataFrame([])
+    return pd.DataFrame({c: np.concatenate([part[c] for part in parts]) for c in HEAD_TABLE_COLUMNS})
+
+
+def _tables(stats: Iterable[SinkStats], eps: float, min_queries: int | None,
+            heads: bool = True, sinks: bool = True) -> tuple[pd.DataFrame | None, pd.DataFrame | None]:
+    """(head_table, sink_table) from one pass over the prompts (each prompt's masks computed once)."""
+    head_parts, sink_parts = [], []
+    for p, st in enumerate(stats):
+        s, c = st.sinks_and_caught(eps, min_queries)
+        if heads:
+            head_parts.append(_head_rows(p, st, s, c))
+        if sinks:
+            part = _sink_rows(p, st, s, c)
+            if part is not None:
+                sink_parts.append(part)
+    return (_head_frame(head_parts) if heads else None, _sink_frame(sink_parts) if sinks else None)
+
+
 def sink_table(stats: Iterable[SinkStats], eps: float = DEFAULT_EPS, min_queries: int | None = None) -> pd.DataFrame:
     """One row per (prompt, layer, head, sink): position, token, kind, received (alpha), the number
     of queries it catches, `n_queries` (queries that see it, itself included) and `from_end`
-    (T - 1 - position). `min_queries`: the census cut-off (None: each stats' own)."""
-    rows = []
-    for p, st in enumerate(stats):
-        kinds = st.kinds
-        sinks = st.sinks(eps, min_queries)
-        caught = st.caught(eps, min_queries)
-        alpha = st.received if st.alpha is None else st.alpha
-        T = len(st.tokens)
-        for li, layer in enumerate(st.layers):
-            for h, k in torch.nonzero(sinks[li]).tolist():
-                nq = int(st.n_queries[li, k]) if st.n_queries is not None else T - k
-                rows.append(
-                    dict(
-                        prompt=p, layer=layer, head=h, position=k, token=st.tokens[k],
-                        kind=kinds[k], received=float(alpha[li, h, k]),
-                        n_caught=int((caught[li, h] == k).sum()), n_queries=nq, from_end=T - 1 - k,
-                    )
-                )
-    cols = ["prompt", "layer", "head", "position", "token", "kind", "received", "n_caught", "n_queries", "from_end"]
-    return pd.DataFrame(rows, columns=cols)
+    (T - 1 - position). `min_queries`: the census cut-off (None: each stats' own).
+    Rows in the order (prompt, layer, head, position)."""
+    return _tables(stats, eps, min_queries, heads=False)[1]
 
 
 def head_table(stats: Sequence[SinkStats], eps: float = DEFAULT_EPS, min_queries: int | None = None) -> pd.DataFrame:
     """One row per (prompt, layer, head): number of sinks, first-token and other sinks, share of
     queries caught, and the smallest row sum (below 1 only with learned sink logits)."""
-    rows = []
-    for p, st in enumerate(stats):
-        sinks = st.sinks(eps, min_queries)
-        caught = st.caught(eps, min_queries)
-        for li, layer in enumerate(st.layers):
-            for h in range(sinks.shape[1]):
-                n = int(sinks[li, h].sum())
-                first = bool(sinks[li, h, 0])
-                rows.append(
-                    dict(
-                        prompt=p, layer=layer, head=h, n_sinks=n, first_sink=first,
-                        n_other=n - int(first),
-                        caught_share=float((caught[li, h, 1:] >= 0).double().mean()) if st.received.shape[-1] > 1 else 0.0,
-                        min_row_sum=float(st.row_sum[li, h].min()),
-                    )
-                )
-    return pd.DataFrame(rows)
+    return _tables(stats, eps, min_queries, sinks=False)[0]
 
 
 def average_sinks_per_head(stats: Sequence[SinkStats], eps: float = DEFAULT_EPS,
@@ -484,8 +548,7 @@ def census(stats: Sequence[SinkStats], eps: float = DEFAULT_EPS, min_queries: in
       (NaN when there is none);
     - `min_row_sum`: the smallest attention row sum (below 1 only with learned sink logits).
     """
-    t = head_table(stats, eps, min_queries)
-    s = sink_table(stats, eps, min_queries)
+    t, s = _tables(stats, eps, min_queries)
     other = s[s.kind != "first"]
     kinds = other.kind.value_counts(normalize=True) if len(other) else {}
     share = (lambda k: float(kinds.get(k, 0.0))) if len(other) else (lambda k: float("nan"))
