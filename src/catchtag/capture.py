@@ -251,8 +251,9 @@ def _capture_batch(model, texts, ids_list, layers, resid, want_logits, kwargs, o
         batch[b, : len(ids)] = ids
     # Without logits nothing after the last needed layer is read: stop the forward pass there (no
     # later layers, no final norm, no T x vocab LM head: 262k columns for Gemma). With residuals
-    # the last layer's output is read first, then the pass stops.
-    stop_early = not want_logits
+    # the last layer's output is read first, then the pass stops. Not on NDIF (remote=True), where
+    # an early stop has not been tried: remote="local" runs this same code and stops.
+    stop_early = not want_logits and kwargs.get("remote") is not True
     with torch.no_grad(), lm.trace(batch, **kwargs) as tracer:
         saved = nnsight.save([])
         resids = nnsight.save([])
