@@ -383,6 +383,9 @@ def test_tag_quantities_formats_and_figure(planted):
     assert math.isnan(q["cos_caught_lo"])  # one prompt: no interval
     f = tag_formats(q)
     assert f["cos_caught"] == ".2f" and f["cos_random"] == ".3f" and f["ve_tags_median"] == ".0%"
+    # chance in one head's output space (head_dim) is larger than in the residual stream (d_model)
+    assert f["cos_random_head"] == ".3f" and q["cos_random_head"] > q["cos_random"]
+    assert q["cos_random_head"] == pytest.approx(0.674 / math.sqrt(m.head_dim), rel=0.3)
     assert f["ve_tags_minus_mean"] == "+.0%" and f["n_tags"] == ".1f" and f["noop_first"] == ".0%" and f["n_ve_heads"] == ""
     d = two_sink_figure(m, [cap], run, 0.2)
     assert (d["prompt"], d["layer"], d["head"]) == (0, 0, 0) and sorted(d["sinks"]) == [0, DOT]

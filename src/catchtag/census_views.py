@@ -70,7 +70,7 @@ def long_prompts(n: int, seed: int = 0, min_chars: int = MIN_CHARS) -> list[str]
 
 
 # --------------------------------------------------------------------------------------------------
-# The census at a cut-off (the bodies switch to the library's census later; see the docstring)
+# The census at a cut-off
 
 
 def score_stats(cap: Capture) -> SinkStats:
@@ -437,11 +437,6 @@ def top_token_quantities(top: pd.DataFrame) -> dict:
     if not len(top):
         return dict(top_token=None, top_token_share=None)
     return dict(top_token=top["token"].iloc[0], top_token_share=float(top["share"].iloc[0]))
-
-
-def top_tokens_table(rows: dict, n: int = 8) -> pd.DataFrame:
-    """`top_tokens` of several models' `sink_rows`, {model: rows}, stacked and rounded to 3."""
-    return pd.concat({m: top_tokens(r, n) for m, r in rows.items()}).round(3)
 
 
 EPS_VALUES = tuple(np.round(np.arange(0.05, 0.501, 0.05), 2).tolist())  # the sinks chapter's eps sweep

@@ -42,7 +42,7 @@ from .sinks import DEFAULT_EPS, SinkStats, check_eps, sink_stats, token_kind
 
 # --------------------------------------------------------------------------------------------------
 # Prompts: the corpus lives in `catchtag.prompts` (one module for every prompt the book uses);
-# `prompts` and `PROMPTS` stay importable from here for the chapters that use them (catch, qknorm).
+# `prompts` and `PROMPTS` stay importable from here (tests/test_tags.py uses them).
 
 from .prompts import STORIES as PROMPTS  # noqa: E402,F401
 from .prompts import story_prompts as prompts  # noqa: E402,F401
@@ -928,8 +928,11 @@ def tag_quantities(run: dict, model: Model, seed: int = 0) -> dict:
     (`n_query_heads`, `n_kv_heads`), the prompts' `min_tokens` and `max_tokens`, `cosine_summary` and `cosine_intervals`, the `ev_summary` of
     the paper's VE with our EV's medians (`ev_median`, `ev_raw_median`), `ve_paper_median` (=
     `ve_tags_median`), `ve_tags_minus_mean` (tags' median VE minus the mean value direction's),
-    `ve_max`, `n_tags` (mean tags per head with a VE), `geometry_summary`, and `cos_random`
-    (`random_abs_cos` in d_model dimensions). Glue formats: `tag_formats`."""
+    `ve_max`, `n_tags` (mean tags per head with a VE), `geometry_summary`, `cos_random`
+    (`random_abs_cos` in d_model dimensions: the residual stream) and `cos_random_head` (in
+    head_dim dimensions: a head's output o_i and the tags t_j = W_O^h v_j all lie in the head_dim-
+    dimensional image of W_O^h, so that is the chance scale of the tag cosines). Glue formats:
+    `tag_formats`."""
     ve = run["ve"]
     lengths = [len(st.tokens) for st in run["stats"]]
     out = dict(n_query_heads=model.n_heads, n_kv_heads=model.n_kv_heads, min_tokens=min(lengths),
@@ -944,14 +947,15 @@ def tag_quantities(run: dict, model: Model, seed: int = 0) -> dict:
                ve_max=float(ve.ve_tags.max()), n_tags=float(ve.loc[ve.ve_tags.notna(), "n_tags"].mean()))
     out.update(geometry_summary(*run["geometry"]))
     out["cos_random"] = random_abs_cos(model.d_model, seed=seed)
+    out["cos_random_head"] = random_abs_cos(model.head_dim, seed=seed)
     return out
 
 
 def tag_formats(values: dict) -> dict:
-    """Glue formats of `tag_quantities`: cosines to 2 decimals (`cos_random` to 3), shares (VE,
+    """Glue formats of `tag_quantities`: cosines to 2 decimals (`cos_random*` to 3), shares (VE,
     EV, no-op) as percentages (`ve_tags_minus_mean` signed), `n_tags` to 1 decimal, counts plain."""
     def spec(k):
-        if k == "cos_random":
+        if k.startswith("cos_random"):
             return ".3f"
         if k == "ve_tags_minus_mean":
             return "+.0%"
