@@ -77,7 +77,8 @@ def test_census_at_and_sweep():
     assert sw["near_end_share"].iloc[0] == 0.5
     assert math.isnan(sw["boundary_share"].iloc[2])
     e = V.end_summary(V.sink_rows([st], 0.2, 2), 2)
-    assert e == dict(n_other=2, median_from_end=9.5, near_end_share=0.5)
+    assert e == dict(median_from_end=9.5, near_end_share=0.5)
+    assert len(V.sink_rows([st], 0.2, 2).query("kind != 'first'")) == V.census_at([st], 0.2, 2)["n_other"] == 2
 
 
 def test_from_end_counts_and_top_tokens():

@@ -146,3 +146,11 @@ def test_page_tables_and_counts(results_dir):
     assert set(tables) == {"repro_table", "repro_rules", "repro_names"}
     assert counts["n_claims"] == sum(v for k, v in counts.items() if k != "n_claims")
     assert all(t.startswith("|") for t in tables.values())
+
+
+def test_a_quantity_put_twice_is_refused(results_dir):
+    res = Results("sinks", {"eps": 0.2}, ["smollm2-135m", ""])
+    res.put("smollm2-135m", "n_other", 3)
+    with pytest.raises(ValueError, match="sinks_m1_n_other is put twice"):
+        res.put("smollm2-135m", "n_other", 3)
+    res.put(None, "n_other", 3)  # another slot: another glue name

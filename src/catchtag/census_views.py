@@ -155,12 +155,13 @@ def cutoff_sweep(stats: Sequence[SinkStats], eps: float = DEFAULT_EPS,
 
 def end_summary(rows: pd.DataFrame, min_queries: int = CUTOFF, near: int = NEAR_END) -> dict:
     """Where the non-first sinks of a `sink_rows` table (made at cut-off `min_queries`) sit:
-    `n_other` (how many), `median_from_end` (tokens before the prompt's last one) and
-    `near_end_share` (share within `near` tokens of the cut-off: from_end < min_queries + near)."""
+    `median_from_end` (tokens before the prompt's last one) and `near_end_share` (share within
+    `near` tokens of the cut-off: from_end < min_queries + near). How many there are is
+    `census_at`'s `n_other`."""
     other = rows[rows["kind"] != "first"]
     if not len(other):
-        return dict(n_other=0, median_from_end=float("nan"), near_end_share=float("nan"))
-    return dict(n_other=int(len(other)), median_from_end=float(other["from_end"].median()),
+        return dict(median_from_end=float("nan"), near_end_share=float("nan"))
+    return dict(median_from_end=float(other["from_end"].median()),
                 near_end_share=float((other["from_end"] < min_queries + near).mean()))
 
 

@@ -286,11 +286,13 @@ class Results:
 
     def put(self, model, quantity: str, value, spec: str = "") -> None:
         """Keep `value` and glue it (formatted with `spec`) under `name(model, quantity)`. Returns
-        None, so a cell ending in a put shows nothing."""
-        if model is None:
-            self.shared[quantity] = value
-        else:
-            self.values[self.slot(model)][quantity] = value
+        None, so a cell ending in a put shows nothing. A number or text put twice for the same model
+        is a ValueError (a glue key glued twice fails the book's HTML build)."""
+        store = self.shared if model is None else self.values[self.slot(model)]
+        if _is_scalar(value) and quantity in store:
+            # jupyter-book fails on a glue key glued twice; say which, at the put
+            raise ValueError(f"{self.name(model, quantity)} is put twice in this chapter run: put each quantity once")
+        store[quantity] = value
         if _is_scalar(value):
             glue_text(self.name(model, quantity), value, spec)
 
