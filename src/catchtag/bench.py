@@ -390,7 +390,9 @@ def run_bench(name: str = "smollm2-135m", seq_len: int = 2048, cold_load: bool =
 def book_timings(path: Path | str | None = None) -> dict | None:
     """The book's per-chapter execution times, as `catchtag.book.bookbuild` records them
     (`_build/executed/timings.json`: {chapter: {seconds, executed_at, parameters, ...}}, each
-    chapter's last execution), with `total_s`, their sum; None when there is no such file.
+    chapter's last execution), with `total_s`, their sum, and `wall` (the last build's wall-clock
+    execution time: {seconds, jobs, chapters, ...}, the entry "_book"; None when not recorded);
+    None when there is no such file.
 
     The times come from whichever runs executed the chapters (dates, parameters and threads are in
     each entry): a sum over chapters executed under different conditions is only indicative."""
@@ -405,12 +407,15 @@ def book_timings(path: Path | str | None = None) -> dict | None:
         table = json.loads(path.read_text())
     except ValueError:
         raise CatchtagError(f"{path} is not a JSON file of chapter timings: delete it or rebuild the book") from None
-    chapters = {}
+    chapters, wall = {}, None
     for name, entry in sorted(table.items()) if isinstance(table, dict) else ():
         if isinstance(entry, dict) and isinstance(entry.get("seconds"), (int, float)):
-            chapters[name] = entry
+            if name == "_book":
+                wall = entry
+            else:
+                chapters[name] = entry
     return {"path": str(path), "chapters": chapters,
-            "total_s": round(sum(e["seconds"] for e in chapters.values()), 1)}
+            "total_s": round(sum(e["seconds"] for e in chapters.values()), 1), "wall": wall}
 
 
 def format_book_timings(book: dict) -> str:
@@ -421,7 +426,11 @@ def format_book_timings(book: dict) -> str:
         params = " ".join(f"{k}={v}" for k, v in (e.get("parameters") or {}).items()) or "defaults"
         threads = e.get("omp_num_threads") or f"({e.get('cpus', '?')} cpus)"
         lines.append(f"{name:<16} {e['seconds']:>9.1f}  {e.get('executed_at', '?'):<20} {threads:>7}  {params}")
-    lines.append(f"{'total':<16} {book['total_s']:>9.1f}  ({len(book['chapters'])} chapters)")
+    lines.append(f"{'total':<16} {book['total_s']:>9.1f}  ({len(book['chapters'])} chapters, the sum)")
+    wall = book.get("wall")
+    if wall:
+        lines.append(f"{'wall clock':<16} {wall['seconds']:>9.1f}  {wall.get('executed_at', '?'):<20} "
+                     f"the last build: {len(wall.get('chapters', []))} chapters, up to {wall.get('jobs', '?')} at once")
     return "\n".join(lines)
 
 

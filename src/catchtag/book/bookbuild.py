@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import hashlib
 import json
 import os
@@ -63,6 +64,9 @@ class ChapterFailed(SystemExit):
         super().__init__(message)
         self.message = message
         self.status = status
+
+    def __reduce__(self):  # keeps the status when a parallel build's worker process raises it
+        return (type(self), (self.message, self.status))
 
 # The repository the Colab cell installs from and the launch/download buttons point at: `repository.url`
 # in _config.yml, overridden by $CATCHTAG_REPO_URL (`make book REPO_URL=...` sets it).
@@ -342,21 +346,166 @@ def record_timing(name: str, seconds: float, params: dict, executed_at: str, pat
     """Write the chapter's last execution time into `TIMINGS` (one JSON object for all chapters:
     {name: {seconds, executed_at, parameters, omp_num_threads, cpus}}), replacing its previous entry.
     A timings file that cannot be read is started afresh; the write is atomic."""
-    path = TIMINGS if path is None else path
-    try:
-        table = json.loads(path.read_text())
-        if not isinstance(table, dict):
-            table = {}
-    except (OSError, ValueError):
-        table = {}
-    table[name] = {
+    _update_timings(name, {
         "seconds": round(float(seconds), 1), "executed_at": executed_at, "parameters": params,
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "cpus": os.cpu_count(),
-    }
+    }, path)
+
+
+def record_book_wall(seconds: float, jobs: int, chapters: list[str], path: Path | None = None) -> None:
+    """Record the last build's wall-clock execution time under the key "_book" of `TIMINGS`
+    ({seconds, jobs, chapters, cpus, executed_at}); `catchtag bench --book` prints it."""
+    _update_timings("_book", {
+        "seconds": round(float(seconds), 1), "jobs": int(jobs), "chapters": list(chapters),
+        "cpus": os.cpu_count(), "executed_at": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    }, path)
+
+
+def _update_timings(key: str, entry: dict, path: Path | None = None) -> None:
+    """Replace `key`'s entry of the timings file, under a lock (the chapters of a parallel build
+    finish at once) and atomically; a file that cannot be read is started afresh."""
+    path = TIMINGS if path is None else path
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    tmp.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    with _locked(path.with_name(f".{path.name}.lock")):
+        try:
+            table = json.loads(path.read_text())
+            if not isinstance(table, dict):
+                table = {}
+        except (OSError, ValueError):
+            table = {}
+        table[key] = entry
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        tmp.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
+        os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def _locked(lock: Path):
+    """An exclusive lock on the file `lock` (fcntl where available; no lock elsewhere)."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: builds there run one chapter at a time by default
+        yield
+        return
+    with open(lock, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+# --------------------------------------------------------------------------------------------------
+# Executing many chapters: one at a time, or several at once in separate processes
+
+JOBS_ENV = "CATCHTAG_JOBS"
+DEFAULT_JOBS = 2
+# Only orders a build that has no timings.json yet (longest first, so that the longest chapter does
+# not start last): seconds per chapter in the fresh-clone CI run of 2026-11-29 (2 cores). A build
+# then orders by its own recorded times.
+TYPICAL_SECONDS = {"kvcache": 154, "probing": 117, "reasoning": 65, "tag": 52, "qknorm": 39,
+                   "minimal": 38, "sinks": 37, "release": 28, "catch": 28}
+
+
+def _jobs_arg(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of chapters >= 1")
+    return n
+
+
+def default_jobs() -> int:
+    """Chapters executed at once when --jobs is not given: $CATCHTAG_JOBS when set (a whole number
+    >= 1, else a one-line error), else DEFAULT_JOBS capped by the cores this process may use."""
+    text = os.environ.get(JOBS_ENV, "").strip()
+    if text:
+        if not text.isdigit() or int(text) < 1:
+            raise ChapterFailed(f"${JOBS_ENV}={text!r} is not valid: set a whole number of chapters >= 1", 2)
+        return int(text)
+    return max(1, min(DEFAULT_JOBS, _cores()))
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def threads_per_chapter(jobs: int) -> int:
+    """Torch threads of each chapter's kernel when `jobs` chapters run at once: $OMP_NUM_THREADS
+    when the user set it, else the cores shared out (at least 1). Chapters of small models gain
+    little from a second thread (kvcache ran 1.33x faster with two, probing 1.2x, on 2 cores), so
+    two chapters with one thread each finish the book sooner than one chapter with two."""
+    omp = os.environ.get("OMP_NUM_THREADS", "")
+    if omp.isdigit() and int(omp) > 0:
+        return int(omp)
+    return max(1, _cores() // max(1, jobs))
+
+
+def _last_seconds(name: str) -> float:
+    try:
+        entry = json.loads(TIMINGS.read_text()).get(name, {})
+        return float(entry["seconds"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return float(TYPICAL_SECONDS.get(name, 0))
+
+
+def _execute_logged(name: str, params: dict, force: bool) -> tuple[str, float, bool]:
+    print(f"[book] {name} ...", flush=True)
+    _, seconds, reused = execute(name, params, force=force)
+    print(f"[book] {name}: {'cached' if reused else f'{seconds:.0f} s'}", flush=True)
+    return name, seconds, reused
+
+
+def _execute_in_worker(name: str, params: dict, force: bool, threads: int) -> tuple[str, float, bool]:
+    os.environ["OMP_NUM_THREADS"] = str(threads)  # read by torch in the chapter's kernel
+    return _execute_logged(name, params, force)
+
+
+def execute_all(names: list[str], chosen: dict, force: bool, jobs: int = 1) -> list[tuple[str, float, bool]]:
+    """Execute `names` (chapter -> parameters in `chosen`); returns [(name, seconds, reused)] in the
+    order they finished. Summary pages run last, after every other chapter has finished. With
+    jobs > 1 the other chapters run up to `jobs` at once, each in its own process (its own kernel,
+    `threads_per_chapter(jobs)` torch threads), longest first by their last recorded time. A chapter
+    that fails stops the build: the chapters not started are cancelled, those running finish (their
+    executed notebooks are kept), then the first failure is raised (one line, its exit status)."""
+    regular = [n for n in names if not is_summary(BOOK / f"{n}.md")]
+    summaries = [n for n in names if n not in regular]
+    times: list[tuple[str, float, bool]] = []
+    if jobs > 1 and len(regular) > 1:
+        times += _execute_parallel(regular, chosen, force, jobs)
+    else:
+        times += [_execute_logged(n, chosen[n], force) for n in regular]
+    times += [_execute_logged(n, chosen[n], force) for n in summaries]
+    return times
+
+
+def _execute_parallel(names, chosen, force, jobs):
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    threads = threads_per_chapter(jobs)
+    order = sorted(names, key=_last_seconds, reverse=True)
+    print(f"[book] executing {len(order)} chapters, up to {jobs} at once, {threads} thread(s) each", flush=True)
+    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+    times, failure = [], None
+    with ProcessPoolExecutor(max_workers=min(jobs, len(order)), mp_context=ctx) as pool:
+        futures = [pool.submit(_execute_in_worker, n, chosen[n], force, threads) for n in order]
+        for future in as_completed(futures):
+            try:
+                times.append(future.result())
+            except ChapterFailed as exc:
+                if failure is None:
+                    failure = exc
+                    for f in futures:
+                        f.cancel()
+    if failure is not None:
+        raise failure
+    return times
 
 
 def stage(names: list[str]) -> None:
@@ -449,6 +598,9 @@ def _main(argv=None) -> None:
                         help="override a chapter parameter (papermill style)")
     parser.add_argument("--force", action="store_true", help="execute even when a cached copy matches")
     parser.add_argument("--no-html", action="store_true", help="execute only, do not build HTML")
+    parser.add_argument("--jobs", "-j", type=_jobs_arg, default=None, metavar="N",
+                        help="chapters executed at once, each in its own kernel with cores/N threads "
+                             f"(default: ${JOBS_ENV}, else {DEFAULT_JOBS} or the number of cores if fewer)")
     args = parser.parse_args(argv)
     params = {k: parse_value(v) for k, v in args.parameter}
     names = chapters_in_toc()
@@ -474,30 +626,30 @@ def _main(argv=None) -> None:
             chosen = {n: {k: v for k, v in params.items() if k in declared[n]} for n in todo}
         for name in todo:
             check_chapter_params(name, nbs[name], chosen[name])
-    times = []
-    for name in todo:
-        print(f"[book] {name} ...", flush=True)
-        _, seconds, reused = execute(name, chosen[name], force=args.force)
-        times.append((name, seconds, reused))
-        print(f"[book] {name}: {'cached' if reused else f'{seconds:.0f} s'}", flush=True)
+    jobs = default_jobs() if args.jobs is None else args.jobs
+    wall = time.time()
+    times = execute_all(todo, chosen, args.force, jobs)
     missing = [n for n in notebooks if not (EXECUTED / f"{n}.ipynb").exists()]
     if not args.no_html:
         if missing:
             print(f"[book] executing the chapters not built yet: {', '.join(missing)}", flush=True)
-            for name in missing:
-                _, seconds, reused = execute(name, {})
-                times.append((name, seconds, reused))
-        for name in notebooks:  # bring the summary pages up to date with the chapters they read
-            if is_summary(BOOK / f"{name}.md") and name not in todo and name not in missing:
-                _, seconds, reused = execute(name, {})
-                times.append((name, seconds, reused))
+            times += execute_all(missing, {n: {} for n in missing}, False, jobs)
+        # bring the summary pages up to date with the chapters they read
+        stale = [n for n in notebooks if is_summary(BOOK / f"{n}.md") and n not in todo and n not in missing]
+        times += execute_all(stale, {n: {} for n in stale}, False, jobs)
+    wall = time.time() - wall
+    if not args.no_html:
         stage(names)
         build_html()
         print(f"[book] HTML in {ROOT / '_build' / 'html'}")
     print("\n[book] chapter times")
     for name, seconds, reused in times:
         print(f"  {name:<28} {'cached' if reused else f'{seconds:7.1f} s'}")
-    print(f"  {'total':<28} {sum(t[1] for t in times):7.1f} s")
+    print(f"  {'total (sum)':<28} {sum(t[1] for t in times):7.1f} s")
+    ran = sum(1 for t in times if not t[2])
+    print(f"  {'wall clock':<28} {wall:7.1f} s  ({ran} executed, up to {jobs} at once)")
+    if ran:
+        record_book_wall(wall, jobs, [t[0] for t in times if not t[2]])
 
 
 if __name__ == "__main__":

@@ -1,0 +1,113 @@
+"""The book build runs several chapters at once (`bookbuild --jobs N`, default 2 on 2 cores): each
+chapter in its own process and kernel, with the cores shared out as torch threads, summary pages
+after every other chapter, timings recorded under a lock, and a failing chapter stops the build
+with its one-line message and exit status."""
+
+from __future__ import annotations
+
+import json
+import pickle
+
+import pytest
+
+from catchtag.book import bookbuild
+
+from _chapters import tiny_chapter
+
+# Each chapter writes that it started, then waits (up to a minute) for the other to have started:
+# they finish only when both ran at the same time (with one job the first would time out).
+RENDEZVOUS = """
+import os, time
+from pathlib import Path
+here = Path({folder!r})
+(here / "{me}.started").write_text(os.environ.get("OMP_NUM_THREADS", ""))
+for _ in range(600):
+    if (here / "{other}.started").exists():
+        break
+    time.sleep(0.1)
+else:
+    raise RuntimeError("{other} never ran at the same time as {me}")
+"""
+
+
+@pytest.fixture
+def book(tmp_path, monkeypatch):
+    book = tmp_path / "book"
+    build = tmp_path / "build"
+    monkeypatch.setattr(bookbuild, "BOOK", book)
+    monkeypatch.setattr(bookbuild, "BUILD", build)
+    monkeypatch.setattr(bookbuild, "EXECUTED", build / "executed")
+    monkeypatch.setattr(bookbuild, "TIMINGS", build / "executed" / "timings.json")
+    monkeypatch.setenv("CATCHTAG_RESULTS", str(tmp_path / "results"))
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(bookbuild, "_cores", lambda: 2)
+    return book
+
+
+def test_two_chapters_run_at_once_with_one_thread_each(book, tmp_path):
+    meet = tmp_path / "meet"
+    meet.mkdir()
+    tiny_chapter(book, "a", RENDEZVOUS.format(folder=str(meet), me="a", other="b"))
+    tiny_chapter(book, "b", RENDEZVOUS.format(folder=str(meet), me="b", other="a"))
+    # a summary page runs after both (it would fail if it ran before them)
+    tiny_chapter(book, "summary", f"from pathlib import Path\nassert len(list(Path({str(meet)!r}).glob('*.started'))) == 2")
+    md = book / "summary.md"
+    md.write_text(md.read_text().replace("---\n", "---\ncatchtag: {summary: true}\n", 1))
+    assert bookbuild.is_summary(md)
+    times = bookbuild.execute_all(["a", "b", "summary"], {"a": {}, "b": {}, "summary": {}}, force=True, jobs=2)
+    assert sorted(t[0] for t in times[:2]) == ["a", "b"] and times[2][0] == "summary"
+    assert (meet / "a.started").read_text() == "1" and (meet / "b.started").read_text() == "1"
+    table = json.loads(bookbuild.TIMINGS.read_text())
+    assert set(table) == {"a", "b", "summary"}  # both writers kept (the file is updated under a lock)
+    assert table["a"]["omp_num_threads"] == "1"
+    for name in ("a", "b", "summary"):
+        assert (bookbuild.EXECUTED / f"{name}.ipynb").exists()
+
+
+def test_a_failing_chapter_stops_the_parallel_build_with_its_status(book):
+    tiny_chapter(book, "good", "x = 1")
+    tiny_chapter(book, "bad", "from catchtag.errors import CatchtagError\nraise CatchtagError('bad input here')")
+    with pytest.raises(bookbuild.ChapterFailed) as info:
+        bookbuild.execute_all(["good", "bad"], {"good": {}, "bad": {}}, force=True, jobs=2)
+    assert info.value.status == 2
+    assert "chapter 'bad' failed" in info.value.message and "bad input here" in info.value.message
+    assert not (bookbuild.EXECUTED / "bad.ipynb").exists()
+
+
+def test_chapter_failed_keeps_its_status_through_pickling():
+    exc = pickle.loads(pickle.dumps(bookbuild.ChapterFailed("one line", 2)))
+    assert (exc.message, exc.status) == ("one line", 2)
+
+
+def test_jobs_and_threads(monkeypatch):
+    monkeypatch.setattr(bookbuild, "_cores", lambda: 8)
+    monkeypatch.delenv("CATCHTAG_JOBS", raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert bookbuild.default_jobs() == bookbuild.DEFAULT_JOBS
+    assert bookbuild.threads_per_chapter(2) == 4
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the user's setting wins
+    assert bookbuild.threads_per_chapter(2) == 1
+    monkeypatch.setattr(bookbuild, "_cores", lambda: 1)
+    assert bookbuild.default_jobs() == 1
+    monkeypatch.setenv("CATCHTAG_JOBS", "3")
+    assert bookbuild.default_jobs() == 3
+    monkeypatch.setenv("CATCHTAG_JOBS", "many")
+    with pytest.raises(bookbuild.ChapterFailed, match="CATCHTAG_JOBS='many' is not valid"):
+        bookbuild.default_jobs()
+
+
+def test_longest_chapter_first(tmp_path, monkeypatch):
+    timings = tmp_path / "timings.json"
+    monkeypatch.setattr(bookbuild, "TIMINGS", timings)
+    assert bookbuild._last_seconds("kvcache") == bookbuild.TYPICAL_SECONDS["kvcache"]  # no file yet
+    bookbuild.record_timing("kvcache", 3.0, {}, "now", path=timings)
+    bookbuild.record_book_wall(9.0, 2, ["kvcache"], path=timings)
+    assert bookbuild._last_seconds("kvcache") == 3.0
+    assert json.loads(timings.read_text())["_book"]["jobs"] == 2
+
+
+def test_jobs_flag_refuses_zero(capsys):
+    with pytest.raises(SystemExit) as info:
+        bookbuild.main(["--jobs", "0", "--no-html"])
+    assert info.value.code == 2
+    assert "not a number of chapters >= 1" in capsys.readouterr().err
