@@ -142,3 +142,32 @@ def test_cached_load_equals_transformers_load(name):
     assert fast.lm_head.weight.data_ptr() == fast.model.embed_tokens.weight.data_ptr()
     assert fast.config._attn_implementation == slow.config._attn_implementation
     assert type(tok).__name__ and tok("The cat").input_ids
+
+
+def test_file_sha256_hashes_each_version_of_a_file_once(monkeypatch, tmp_path):
+    """The digest is remembered with the file's size, times, inode and device; a changed file (same
+    size) is hashed again; a file changed just before hashing (racy) is not remembered."""
+    import hashlib
+    import os
+
+    monkeypatch.setenv("CATCHTAG_CACHE", str(tmp_path / "cache"))
+    f = tmp_path / "weights.bin"
+    f.write_bytes(b"a" * 1000)
+    calls = []
+    real = models.sha256_file
+    monkeypatch.setattr(models, "sha256_file", lambda p: calls.append(p) or real(p))
+    assert models.file_sha256(f) == hashlib.sha256(b"a" * 1000).hexdigest()
+    assert len(calls) == 1 and not (tmp_path / "cache" / "verified-files.json").exists()  # just written: racy
+    monkeypatch.setattr(models, "RACY_NS", 0)
+    models.file_sha256(f)
+    assert len(calls) == 2 and (tmp_path / "cache" / "verified-files.json").exists()
+    assert models.file_sha256(f) == hashlib.sha256(b"a" * 1000).hexdigest() and len(calls) == 2  # reused
+    before = f.stat()
+    import time
+
+    time.sleep(0.05)  # past the file system's timestamp tick, so that the write gets a new change time
+    f.write_bytes(b"b" * 1000)  # same size; even with the old modification time put back:
+    os.utime(f, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert models.file_sha256(f) == hashlib.sha256(b"b" * 1000).hexdigest() and len(calls) == 3
+    (tmp_path / "cache" / "verified-files.json").write_text("not json")  # unreadable: hashed again
+    assert models.file_sha256(f) == hashlib.sha256(b"b" * 1000).hexdigest() and len(calls) == 4
