@@ -16,6 +16,9 @@ def test_wilson_and_t_intervals():
     assert np.isnan(probes.wilson_interval(0, 0)[0])
     m, lo, hi = probes.mean_interval([0.6, 0.7, 0.8, 0.7, 0.7])
     assert m == pytest.approx(0.7) and hi - m == pytest.approx(2.776 * np.std([.6, .7, .8, .7, .7], ddof=1) / 5 ** .5, rel=1e-3)
+    # one score (after dropping NaN) has no interval: NaN bounds, as kvcache's intervals over chunks
+    m, lo, hi = probes.mean_interval([0.6, float("nan")])
+    assert m == 0.6 and np.isnan(lo) and np.isnan(hi)
 
 
 def test_group_split_and_paper_split():

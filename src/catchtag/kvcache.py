@@ -60,6 +60,7 @@ import numpy as np
 import torch
 
 from .errors import CatchtagError
+from .intervals import t_interval  # noqa: F401  (kvcache.t_interval, as before)
 from .sinks import MIN_QUERIES, token_kind
 
 POLICIES = ("window", "streaming", "sinks", "random", "punct_random")
@@ -653,18 +654,6 @@ def run_chunk(model, ids: Sequence[int], budgets: Sequence[int], eps: float, see
             if progress is not None:
                 progress.update(1)
     return out
-
-
-def t_interval(x, level: float = 0.95) -> tuple[float, float, float]:
-    """(mean, lo, hi): Student-t interval of the mean of x (NaN bounds for fewer than 2 values)."""
-    from scipy import stats
-
-    x = np.asarray(x, dtype=float)
-    m = float(x.mean()) if len(x) else float("nan")
-    if len(x) < 2:
-        return m, float("nan"), float("nan")
-    h = float(stats.t.ppf(0.5 + level / 2, len(x) - 1) * x.std(ddof=1) / math.sqrt(len(x)))
-    return m, m - h, m + h
 
 
 def summarize(rows):

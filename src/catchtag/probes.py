@@ -79,19 +79,13 @@ def wilson_interval(k: int, n: int, z: float = Z95) -> tuple[float, float]:
 
 
 def mean_interval(values: Sequence[float]) -> tuple[float, float, float]:
-    """(mean, low, high): the mean of five (or any number of) split scores with a 95% Student-t
-    interval (t with n - 1 degrees of freedom; n = 5 uses 2.776)."""
-    v = np.asarray(values, dtype=float)
-    v = v[~np.isnan(v)]
-    if len(v) == 0:
-        return (float("nan"),) * 3
-    m = float(v.mean())
-    if len(v) == 1:
-        return (m, m, m)
-    from scipy import stats
+    """(mean, low, high): the mean of five (or any number of) split scores, NaN scores dropped,
+    with a 95% Student-t interval (`intervals.t_interval`: n - 1 degrees of freedom, n = 5 uses
+    2.776; NaN bounds for a single score)."""
+    from .intervals import t_interval
 
-    half = float(stats.t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / math.sqrt(len(v)))
-    return (m, m - half, m + half)
+    v = np.asarray(values, dtype=float)
+    return t_interval(v[~np.isnan(v)])
 
 
 def group_split(groups: Sequence, test_size: float = 0.3, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
