@@ -45,7 +45,7 @@ $(STAMP): requirements.lock pyproject.toml Makefile src/catchtag/model_packages.
 	touch $(STAMP)
 
 book: $(STAMP)
-	$(if $(REPO_URL),CATCHTAG_REPO_URL=$(REPO_URL)) $(PY) -m catchtag.book.bookbuild
+	$(if $(REPO_URL),CATCHTAG_REPO_URL=$(REPO_URL)) $(PY) -m catchtag.book.bookbuild $(if $(JOBS),--jobs $(JOBS))
 
 chapter: $(STAMP)
 	@test -n "$(CH)" || { echo "error: name a chapter: make chapter CH=<name> [PARAMS='-p eps 0.3']" >&2; exit 2; }
