@@ -171,3 +171,19 @@ def test_file_sha256_hashes_each_version_of_a_file_once(monkeypatch, tmp_path):
     assert models.file_sha256(f) == hashlib.sha256(b"b" * 1000).hexdigest() and len(calls) == 3
     (tmp_path / "cache" / "verified-files.json").write_text("not json")  # unreadable: hashed again
     assert models.file_sha256(f) == hashlib.sha256(b"b" * 1000).hexdigest() and len(calls) == 4
+
+
+def test_load_cached_falls_back_on_a_tensor_of_the_wrong_shape(tmp_path):
+    """A cache entry whose weights do not fit its config (here one matrix transposed) is not used:
+    `_load_cached` returns None (the caller then loads through transformers), it does not raise."""
+    from safetensors.torch import load_file, save_file
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32)
+    LlamaForCausalLM(config).save_pretrained(tmp_path)
+    sd = load_file(str(tmp_path / "model.safetensors"))
+    key = "model.layers.0.mlp.up_proj.weight"
+    sd[key] = sd[key].t().contiguous()
+    save_file(sd, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    assert models._load_cached(tmp_path, torch.float32, "eager") is None

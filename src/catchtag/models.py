@@ -491,7 +491,7 @@ def _load_cached(folder: Path, dtype, attn_implementation):
         model, info = cls.from_pretrained(None, config=config, state_dict=sd, dtype=dtype,
                                           attn_implementation=attn_implementation,
                                           output_loading_info=True)
-    except (OSError, ValueError, TypeError):
+    except (OSError, ValueError, TypeError, RuntimeError):  # RuntimeError: a tensor of the wrong shape
         return None
     if info.get("missing_keys") or info.get("unexpected_keys") or info.get("mismatched_keys"):
         return None
