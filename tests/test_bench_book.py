@@ -33,6 +33,20 @@ def test_book_timings_from_a_fake_timings_file(tmp_path, capsys):
     assert list(bench.book_timings(path)["chapters"]) == ["tag"]
 
 
+def test_book_wall_time_is_kept_apart_from_the_chapters(tmp_path):
+    from catchtag.book.bookbuild import record_book_wall, record_timing
+
+    path = tmp_path / "timings.json"
+    record_timing("sinks", 10.0, {}, "2026-01-01 10:00 UTC", path)
+    record_timing("catch", 20.0, {}, "2026-01-01 10:00 UTC", path)
+    record_book_wall(16.0, 2, ["sinks", "catch"], path)
+    book = bench.book_timings(path)
+    assert list(book["chapters"]) == ["catch", "sinks"] and book["total_s"] == 30.0  # "_book" is not a chapter
+    assert book["wall"]["seconds"] == 16.0 and book["wall"]["jobs"] == 2
+    last = bench.format_book_timings(book).splitlines()[-1]
+    assert last.split()[:3] == ["wall", "clock", "16.0"] and "up to 2 at once" in last
+
+
 def test_table_shows_cpu_ratios_and_book_timings():
     r = {"model": "m", "seq_len": 8, "threads": 1, "attention_stack_mb": 1.0, "sdpa_s": 1.0, "sdpa_peak_mb": 1.0,
          "sdpa_decoder_s": 0.9, "naive_s": None, "naive_peak_mb": None, "naive_run": False,
