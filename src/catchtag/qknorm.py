@@ -146,6 +146,16 @@ def norm_bounds(model: Model) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _window_sums(x: torch.Tensor, window: int) -> torch.Tensor:
+    """(H, T, d) -> (H, T, d): row j is the sum of rows j .. min(j + window, T) - 1 of x."""
+    suffix = torch.flip(torch.cumsum(torch.flip(x, [1]), 1), [1])  # row j: sum of rows j .. T - 1
+    if window >= x.shape[1]:
+        return suffix
+    out = suffix.clone()
+    out[:, :-window] -= suffix[:, window:]
+    return out
+
+
 def qk_table(caps: Sequence[Capture], stats: Sequence[SinkStats], eps: float = DEFAULT_EPS,
              pre: Sequence[dict] | None = None, min_queries: int | None = None) -> pd.DataFrame:
     """One row per (prompt, layer, head, key position j) with alpha defined (enough queries see j).
@@ -159,20 +169,21 @@ def qk_table(caps: Sequence[Capture], stats: Sequence[SinkStats], eps: float = D
         raise CatchtagError(f"{len(stats)} SinkStats for {len(caps)} captures: pass one per capture")
     parts = []
     for p, (cap, st) in enumerate(zip(caps, stats)):
-        kinds = [token_kind(t, i) for i, t in enumerate(cap.tokens)]
+        kinds = np.array([token_kind(t, i) for i, t in enumerate(cap.tokens)], dtype=object)
         sinks = st.sinks(eps)
         for li, layer in enumerate(st.layers):
             ai = cap.attn_inputs[layer]
             q, k = ai.q.double(), ai.k.double()  # (H, T, dh)
             H, T, _ = q.shape
             qn, kn = q.norm(dim=-1), k.norm(dim=-1)  # (H, T)
-            cosm = (q / qn[..., None].clamp_min(1e-12)) @ (k / kn[..., None].clamp_min(1e-12)).transpose(1, 2)
-            causal = torch.tril(torch.ones(T, T, dtype=torch.bool))  # [i, j]: i >= j
-            if ai.sliding_window:
-                causal &= (torch.arange(T)[:, None] - torch.arange(T)[None, :]) < ai.sliding_window
-            n_seen = causal.sum(0).clamp_min(1)  # queries that see j
-            cos = (cosm * causal).sum(1) / n_seen  # (H, T): mean over i of cos(q_i, k_j)
-            logit = ((q @ k.transpose(1, 2)) * ai.scaling * causal).sum(1) / n_seen
+            # the queries i that see key j are i = j .. j + W - 1 (W: the sliding window, else all
+            # later ones), so a sum over them of q_i . k_j is (sum of those q_i) . k_j: suffix sums
+            # of the queries, without the T x T matrices
+            W = min(ai.sliding_window or T, T)
+            n_seen = torch.clamp(T - torch.arange(T), max=W)  # queries that see j
+            q_hat = q / qn[..., None].clamp_min(1e-12)
+            cos = (_window_sums(q_hat, W) * (k / kn[..., None].clamp_min(1e-12))).sum(-1) / n_seen  # (H, T): mean over i of cos(q_i, k_j)
+            logit = (_window_sums(q, W) * k).sum(-1) * ai.scaling / n_seen
             rec = st.received[li]
             valid = ~torch.isnan(rec[0])
             pos = torch.nonzero(valid).flatten()
@@ -192,7 +203,7 @@ def qk_table(caps: Sequence[Capture], stats: Sequence[SinkStats], eps: float = D
             if pre is not None:
                 df["k_pre"] = pre[p]["k"][layer][:, pos].reshape(-1).numpy()
                 df["q_pre"] = pre[p]["q"][layer][:, pos].reshape(-1).numpy()
-            df.insert(4, "kind", [kinds[j] for j in df["position"]])
+            df.insert(4, "kind", kinds[df["position"].to_numpy()])
             parts.append(df)
     return pd.concat(parts, ignore_index=True)
 
