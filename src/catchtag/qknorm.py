@@ -124,6 +124,48 @@ def _projection_norms(model: Model, batch: torch.Tensor) -> tuple[list, list]:
     return qs, ks
 
 
+def _capture_with_prenorm(model: Model, prompts: list[str], batch_size: int = 1) -> tuple[list, list[dict]]:
+    """Locally: (`capture(model, prompts, resid=False, batch_size=batch_size)`, `prenorm_norms`'s
+    list for the same prompts), the norms read by forward hooks on each layer's q_proj and k_proj
+    during the capture's forward passes (the same right-padded batches `prenorm_norms` runs, so the
+    same numbers, without its extra forward)."""
+    from .capture import capture
+
+    H, dh, Hkv, L = model.n_heads, model.head_dim, model.n_kv_heads, model.n_layers
+    passes: list[dict] = []  # one per forward pass: {"q": [L], "k": [L]}
+
+    def hook(kind, layer, heads):
+        def fn(module, args, output):
+            if output.device.type == "meta":
+                return
+            if kind == "q" and layer == 0:
+                passes.append(dict(q=[None] * L, k=[None] * L))
+            passes[-1][kind][layer] = output.detach().reshape(*output.shape[:2], heads, dh).norm(dim=-1)
+        return fn
+
+    hooks = []
+    for layer in range(L):
+        attn = model.hf.model.layers[layer].self_attn
+        hooks.append(attn.q_proj.register_forward_hook(hook("q", layer, H)))
+        hooks.append(attn.k_proj.register_forward_hook(hook("k", layer, Hkv)))
+    try:
+        caps = capture(model, prompts, resid=False, batch_size=batch_size)
+    finally:
+        for h in hooks:
+            h.remove()
+    groups = [caps[i:i + batch_size] for i in range(0, len(caps), batch_size)]
+    if len(passes) != len(groups) or any(x is None for f in passes for x in f["q"] + f["k"]):
+        raise CatchtagError(f"model {model.name!r}: not every layer's q_proj and k_proj ran; cannot read pre-norm norms")
+    pre = []
+    for f, group in zip(passes, groups):
+        for b, cap in enumerate(group):
+            n = cap.n_tokens
+            q = torch.stack([x[b, :n].float().T for x in f["q"]])  # (L, H, n)
+            k = torch.stack([x[b, :n].float().T for x in f["k"]]).repeat_interleave(H // Hkv, dim=1)
+            pre.append(dict(q=q, k=k))
+    return caps, pre
+
+
 def norm_bounds(model: Model) -> pd.DataFrame:
     """Per layer, for models with QK-norm: the largest post-norm query and key norms the norm
     allows, sqrt(dh) * max|scale|, and the norm of a vector spread evenly, sqrt(sum scale^2).
@@ -333,7 +375,9 @@ def measure(model: Model, prompts: Sequence[str], eps: float = DEFAULT_EPS, min_
     (`batch_size` prompts per forward), score every key and apply the census rule (keys seen by
     fewer than `min_queries` later queries are not scored; `census_views.cut`), then `qk_table`
     (with the pre-norm norms when `prenorm`), `head_ev`, the census at `eps` and `norm_bounds`.
-    Pre-norm norms: from `prenorm_norms` (one more forward) for a model with QK-norm; without
+    Pre-norm norms: `prenorm_norms`'s numbers for a model with QK-norm (locally read by hooks in
+    the capture's own forward passes, the same batches: no second forward; on NDIF or its dry run
+    one more forward, `prenorm_norms`); without
     QK-norm the k_proj output is the key before RoPE, a rotation, so k_pre and q_pre are the
     post-RoPE norms (equal within float rounding: tests/test_qknorm.py). The captures are dropped
     before returning."""
@@ -342,9 +386,12 @@ def measure(model: Model, prompts: Sequence[str], eps: float = DEFAULT_EPS, min_
     from .reasoning import head_ev
 
     V.check_cutoff(min_queries)
-    caps = capture(model, list(prompts), resid=False, remote=remote, batch_size=batch_size)
+    if prenorm and model.qk_norm and remote is False:  # read in the capture's own forward passes
+        caps, pre = _capture_with_prenorm(model, list(prompts), batch_size)
+    else:
+        caps = capture(model, list(prompts), resid=False, remote=remote, batch_size=batch_size)
+        pre = prenorm_norms(model, prompts, remote=remote, batch_size=batch_size) if prenorm and model.qk_norm else None
     stats = V.cut([V.score_stats(c) for c in caps], min_queries)
-    pre = prenorm_norms(model, prompts, remote=remote, batch_size=batch_size) if prenorm and model.qk_norm else None
     table = qk_table(caps, stats, eps, pre=pre)
     if prenorm and not model.qk_norm:  # no QK-norm: k_proj's output is the key before RoPE, a rotation
         table["k_pre"], table["q_pre"] = table["k_norm"], table["q_norm"]
