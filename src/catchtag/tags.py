@@ -349,15 +349,18 @@ def tag_cosines(model: Model, cap: Capture, st: SinkStats, layer: int, eps: floa
         hp, sp = hp[keep], sp[keep]
     if not len(hp):
         return _cosine_frame([])
-    unit = lambda x: x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)  # noqa: E731
-    On = unit(L["outputs64"] if "outputs64" in L else L["outputs"].double())  # (H, T, d)
-    Tn = unit(L["token_tags64"] if "token_tags64" in L else L["token_tags"].double())  # (H, T, d): the tag of every token
-    # cos(t_s, o_i) for every pair and token: each head's sink tags (padded to the most sinks of a
-    # head) against that head's outputs, one batched product
+    O = L["outputs64"] if "outputs64" in L else L["outputs"].double()  # (H, T, d)
+    Tt = L["token_tags64"] if "token_tags64" in L else L["token_tags"].double()  # (H, T, d): the tag of every token
+    # cosines as dot products over the two norms (floored at 1e-12), so the (H, T, d) tables are
+    # not normalised as a whole
+    o_norm, t_norm = O.norm(dim=-1).clamp_min(1e-12), Tt.norm(dim=-1).clamp_min(1e-12)  # (H, T)
+    # cos(t_s, o_i) for every pair and token: each head's unit sink tags (padded to the most sinks
+    # of a head) against that head's outputs, one batched product
     slot = np.arange(len(hp)) - np.searchsorted(hp, hp)  # the pair's index among its head's sinks
-    picked = torch.zeros(H, int(slot.max()) + 1, Tn.shape[-1], dtype=torch.float64)
-    picked[torch.as_tensor(hp), torch.as_tensor(slot)] = Tn[torch.as_tensor(hp), torch.as_tensor(sp)]
-    cos_pairs = (picked @ On.transpose(1, 2))[torch.as_tensor(hp), torch.as_tensor(slot)].numpy()  # (pairs, T)
+    hp_t, sp_t = torch.as_tensor(hp), torch.as_tensor(sp)
+    picked = torch.zeros(H, int(slot.max()) + 1, Tt.shape[-1], dtype=torch.float64)
+    picked[hp_t, torch.as_tensor(slot)] = Tt[hp_t, sp_t] / t_norm[hp_t, sp_t, None]
+    cos_pairs = ((picked @ O.transpose(1, 2))[hp_t, torch.as_tensor(slot)] / o_norm[hp_t]).numpy()  # (pairs, T)
     pi, query = np.nonzero((np.arange(T)[None, :] > sp[:, None]) & ~S[hp])  # later non-sink queries
     head, sink = hp[pi], sp[pi]
     # baseline: another non-sink token j >= 1 of the same head, j != i, uniformly at random
@@ -369,9 +372,10 @@ def tag_cosines(model: Model, cap: Capture, st: SinkStats, layer: int, eps: floa
     rng = np.random.default_rng([int(seed), int(prompt), int(layer)])
     r = np.floor(rng.random(len(query)) * np.maximum(n_cand - 1, 1)).astype(int)
     j = order[head, r + (r >= rank[head, query])]  # skip the query itself
-    d = On.shape[-1]  # rows gathered from the flattened (H * T, d) tables: index_select is cheaper
+    d = O.shape[-1]  # rows gathered from the flattened (H * T, d) tables: index_select is cheaper
     rows_o, rows_t = (torch.as_tensor(head * T + x) for x in (query, j))
-    other = (On.reshape(-1, d).index_select(0, rows_o) * Tn.reshape(-1, d).index_select(0, rows_t)).sum(-1).numpy()
+    other = ((O.reshape(-1, d).index_select(0, rows_o) * Tt.reshape(-1, d).index_select(0, rows_t)).sum(-1)
+             / (o_norm.reshape(-1)[rows_o] * t_norm.reshape(-1)[rows_t])).numpy()
     other[n_cand < 2] = np.nan
     return _cosine_frame([pd.DataFrame(dict(layer=layer, head=head, sink=sink, query=query,
                                             caught=C[head, query] == sink, cos=cos_pairs[pi, query],
