@@ -38,6 +38,31 @@ def test_qk_table_values(small):
     assert (t["sink"] == (t["received"] > 0.2)).all()
 
 
+def test_prenorm_read_in_the_capture_pass(small):
+    """measure's local path reads the pre-norm norms in the capture's own forward: the same numbers
+    as prenorm_norms' separate pass, and the same captures."""
+    import torch
+
+    model, caps, stats, pre, t = small
+    caps2, pre2 = Q._capture_with_prenorm(model, [TEXT])
+    assert torch.equal(pre2[0]["q"], pre[0]["q"]) and torch.equal(pre2[0]["k"], pre[0]["k"])
+    for layer in caps[0].layers:
+        a, b = caps[0].attn_inputs[layer], caps2[0].attn_inputs[layer]
+        assert torch.equal(a.q, b.q) and torch.equal(a.k_kv, b.k_kv) and torch.equal(a.v_kv, b.v_kv)
+
+
+def test_window_sums():
+    """qk_table's sums over the queries that see each key, against the masked T x T sum."""
+    import torch
+
+    x = torch.randn(2, 9, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    i, j = torch.arange(9)[:, None], torch.arange(9)[None, :]
+    for window in (1, 4, 9, 20):
+        sees = (i >= j) & (i - j < window)  # [i, j]: query i sees key j
+        want = torch.einsum("ij,hid->hjd", sees.double(), x)
+        assert torch.allclose(Q._window_sums(x, window), want, atol=1e-12)
+
+
 def test_prenorm_equals_postnorm_without_qk_norm(small):
     model, caps, stats, pre, t = small
     if model.qk_norm:

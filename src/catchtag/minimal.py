@@ -125,7 +125,7 @@ class Attention(nn.Module):
         T = h.shape[1]
         scores = self.q(h) @ self.k(h).transpose(-1, -2)  # no 1/sqrt(d_head): the paper's softmax(QK^T)V
         causal = torch.ones(T, T, dtype=torch.bool, device=h.device).tril()
-        attn = scores.masked_fill(~causal, float("-inf")).softmax(-1)
+        attn = scores.masked_fill_(~causal, float("-inf")).softmax(-1)  # in place: no second (n, T, T) buffer
         ov = self.o(self.v(h))              # what each key would write: W_O v_j, the tag of a sink
         return attn @ ov, attn, ov          # attn @ (W_O v) == W_O (attn @ v)
 

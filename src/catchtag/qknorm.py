@@ -124,6 +124,48 @@ def _projection_norms(model: Model, batch: torch.Tensor) -> tuple[list, list]:
     return qs, ks
 
 
+def _capture_with_prenorm(model: Model, prompts: list[str], batch_size: int = 1) -> tuple[list, list[dict]]:
+    """Locally: (`capture(model, prompts, resid=False, batch_size=batch_size)`, `prenorm_norms`'s
+    list for the same prompts), the norms read by forward hooks on each layer's q_proj and k_proj
+    during the capture's forward passes (the same right-padded batches `prenorm_norms` runs, so the
+    same numbers, without its extra forward)."""
+    from .capture import capture
+
+    H, dh, Hkv, L = model.n_heads, model.head_dim, model.n_kv_heads, model.n_layers
+    passes: list[dict] = []  # one per forward pass: {"q": [L], "k": [L]}
+
+    def hook(kind, layer, heads):
+        def fn(module, args, output):
+            if output.device.type == "meta":
+                return
+            if kind == "q" and layer == 0:
+                passes.append(dict(q=[None] * L, k=[None] * L))
+            passes[-1][kind][layer] = output.detach().reshape(*output.shape[:2], heads, dh).norm(dim=-1)
+        return fn
+
+    hooks = []
+    for layer in range(L):
+        attn = model.hf.model.layers[layer].self_attn
+        hooks.append(attn.q_proj.register_forward_hook(hook("q", layer, H)))
+        hooks.append(attn.k_proj.register_forward_hook(hook("k", layer, Hkv)))
+    try:
+        caps = capture(model, prompts, resid=False, batch_size=batch_size)
+    finally:
+        for h in hooks:
+            h.remove()
+    groups = [caps[i:i + batch_size] for i in range(0, len(caps), batch_size)]
+    if len(passes) != len(groups) or any(x is None for f in passes for x in f["q"] + f["k"]):
+        raise CatchtagError(f"model {model.name!r}: not every layer's q_proj and k_proj ran; cannot read pre-norm norms")
+    pre = []
+    for f, group in zip(passes, groups):
+        for b, cap in enumerate(group):
+            n = cap.n_tokens
+            q = torch.stack([x[b, :n].float().T for x in f["q"]])  # (L, H, n)
+            k = torch.stack([x[b, :n].float().T for x in f["k"]]).repeat_interleave(H // Hkv, dim=1)
+            pre.append(dict(q=q, k=k))
+    return caps, pre
+
+
 def norm_bounds(model: Model) -> pd.DataFrame:
     """Per layer, for models with QK-norm: the largest post-norm query and key norms the norm
     allows, sqrt(dh) * max|scale|, and the norm of a vector spread evenly, sqrt(sum scale^2).
@@ -146,6 +188,16 @@ def norm_bounds(model: Model) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _window_sums(x: torch.Tensor, window: int) -> torch.Tensor:
+    """(H, T, d) -> (H, T, d): row j is the sum of rows j .. min(j + window, T) - 1 of x."""
+    suffix = torch.flip(torch.cumsum(torch.flip(x, [1]), 1), [1])  # row j: sum of rows j .. T - 1
+    if window >= x.shape[1]:
+        return suffix
+    out = suffix.clone()
+    out[:, :-window] -= suffix[:, window:]
+    return out
+
+
 def qk_table(caps: Sequence[Capture], stats: Sequence[SinkStats], eps: float = DEFAULT_EPS,
              pre: Sequence[dict] | None = None, min_queries: int | None = None) -> pd.DataFrame:
     """One row per (prompt, layer, head, key position j) with alpha defined (enough queries see j).
@@ -159,20 +211,21 @@ def qk_table(caps: Sequence[Capture], stats: Sequence[SinkStats], eps: float = D
         raise CatchtagError(f"{len(stats)} SinkStats for {len(caps)} captures: pass one per capture")
     parts = []
     for p, (cap, st) in enumerate(zip(caps, stats)):
-        kinds = [token_kind(t, i) for i, t in enumerate(cap.tokens)]
+        kinds = np.array([token_kind(t, i) for i, t in enumerate(cap.tokens)], dtype=object)
         sinks = st.sinks(eps)
         for li, layer in enumerate(st.layers):
             ai = cap.attn_inputs[layer]
             q, k = ai.q.double(), ai.k.double()  # (H, T, dh)
             H, T, _ = q.shape
             qn, kn = q.norm(dim=-1), k.norm(dim=-1)  # (H, T)
-            cosm = (q / qn[..., None].clamp_min(1e-12)) @ (k / kn[..., None].clamp_min(1e-12)).transpose(1, 2)
-            causal = torch.tril(torch.ones(T, T, dtype=torch.bool))  # [i, j]: i >= j
-            if ai.sliding_window:
-                causal &= (torch.arange(T)[:, None] - torch.arange(T)[None, :]) < ai.sliding_window
-            n_seen = causal.sum(0).clamp_min(1)  # queries that see j
-            cos = (cosm * causal).sum(1) / n_seen  # (H, T): mean over i of cos(q_i, k_j)
-            logit = ((q @ k.transpose(1, 2)) * ai.scaling * causal).sum(1) / n_seen
+            # the queries i that see key j are i = j .. j + W - 1 (W: the sliding window, else all
+            # later ones), so a sum over them of q_i . k_j is (sum of those q_i) . k_j: suffix sums
+            # of the queries, without the T x T matrices
+            W = min(ai.sliding_window or T, T)
+            n_seen = torch.clamp(T - torch.arange(T), max=W)  # queries that see j
+            q_hat = q / qn[..., None].clamp_min(1e-12)
+            cos = (_window_sums(q_hat, W) * (k / kn[..., None].clamp_min(1e-12))).sum(-1) / n_seen  # (H, T): mean over i of cos(q_i, k_j)
+            logit = (_window_sums(q, W) * k).sum(-1) * ai.scaling / n_seen
             rec = st.received[li]
             valid = ~torch.isnan(rec[0])
             pos = torch.nonzero(valid).flatten()
@@ -192,7 +245,7 @@ def qk_table(caps: Sequence[Capture], stats: Sequence[SinkStats], eps: float = D
             if pre is not None:
                 df["k_pre"] = pre[p]["k"][layer][:, pos].reshape(-1).numpy()
                 df["q_pre"] = pre[p]["q"][layer][:, pos].reshape(-1).numpy()
-            df.insert(4, "kind", [kinds[j] for j in df["position"]])
+            df.insert(4, "kind", kinds[df["position"].to_numpy()])
             parts.append(df)
     return pd.concat(parts, ignore_index=True)
 
@@ -322,7 +375,9 @@ def measure(model: Model, prompts: Sequence[str], eps: float = DEFAULT_EPS, min_
     (`batch_size` prompts per forward), score every key and apply the census rule (keys seen by
     fewer than `min_queries` later queries are not scored; `census_views.cut`), then `qk_table`
     (with the pre-norm norms when `prenorm`), `head_ev`, the census at `eps` and `norm_bounds`.
-    Pre-norm norms: from `prenorm_norms` (one more forward) for a model with QK-norm; without
+    Pre-norm norms: `prenorm_norms`'s numbers for a model with QK-norm (locally read by hooks in
+    the capture's own forward passes, the same batches: no second forward; on NDIF or its dry run
+    one more forward, `prenorm_norms`); without
     QK-norm the k_proj output is the key before RoPE, a rotation, so k_pre and q_pre are the
     post-RoPE norms (equal within float rounding: tests/test_qknorm.py). The captures are dropped
     before returning."""
@@ -331,9 +386,12 @@ def measure(model: Model, prompts: Sequence[str], eps: float = DEFAULT_EPS, min_
     from .reasoning import head_ev
 
     V.check_cutoff(min_queries)
-    caps = capture(model, list(prompts), resid=False, remote=remote, batch_size=batch_size)
+    if prenorm and model.qk_norm and remote is False:  # read in the capture's own forward passes
+        caps, pre = _capture_with_prenorm(model, list(prompts), batch_size)
+    else:
+        caps = capture(model, list(prompts), resid=False, remote=remote, batch_size=batch_size)
+        pre = prenorm_norms(model, prompts, remote=remote, batch_size=batch_size) if prenorm and model.qk_norm else None
     stats = V.cut([V.score_stats(c) for c in caps], min_queries)
-    pre = prenorm_norms(model, prompts, remote=remote, batch_size=batch_size) if prenorm and model.qk_norm else None
     table = qk_table(caps, stats, eps, pre=pre)
     if prenorm and not model.qk_norm:  # no QK-norm: k_proj's output is the key before RoPE, a rotation
         table["k_pre"], table["q_pre"] = table["k_norm"], table["q_norm"]

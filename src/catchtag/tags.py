@@ -164,7 +164,9 @@ def _layer_heads(model: Model, cap: Capture, st: SinkStats, layer: int, eps: flo
     """(`head_tags` list, the layer's tensors): the attention probabilities of the layer are
     computed once. The tensors: `outputs` and `token_tags` (H, T, d_model), `sinks` (H, T) bool,
     `caught` (H, T), and `X` = A V (H, T, dh) in float64 when `value_space` (for
-    `value_space_ev`), else None."""
+    `value_space_ev`), else None. With `value_space` the float64 copies the tag chapter's
+    measures share are made here once: `V` (H, T, dh), `outputs64` and `token_tags64`, and each
+    head's dict has `outputs64` (its rows of `outputs64`)."""
     from .capture import attention_probs
 
     eps = check_eps(eps)
@@ -175,14 +177,18 @@ def _layer_heads(model: Model, cap: Capture, st: SinkStats, layer: int, eps: flo
     A = attention_probs(ai)
     outs = per_head_project(model, layer, A @ ai.v)  # = capture.head_outputs
     tags = tag_vectors(model, cap, layer)
-    layer_tensors = dict(outputs=outs, token_tags=tags, sinks=sinks, caught=caught,
-                         X=A.double() @ ai.v.double() if value_space else None)
+    layer_tensors = dict(outputs=outs, token_tags=tags, sinks=sinks, caught=caught, X=None)
+    if value_space:
+        V = ai.v.double()
+        layer_tensors.update(X=A.double() @ V, V=V, outputs64=outs.double(), token_tags64=tags.double())
     res = []
     for h in range(model.n_heads):
         pos = torch.nonzero(sinks[h]).flatten().tolist()
         members = torch.nonzero((caught[h] >= 0) & ~sinks[h]).flatten().tolist()
         res.append(dict(head=h, sinks=pos, tags=tags[h, pos], caught=caught[h], members=members,
                         outputs=outs[h], token_tags=tags[h]))
+        if value_space:
+            res[-1]["outputs64"] = layer_tensors["outputs64"][h]
     return res, layer_tensors
 
 
@@ -244,7 +250,8 @@ def head_explained_variance(
 
 def _ev_rows(heads: list[dict], p: int, layer: int, min_caught: int = 2, pca: bool = True) -> list[dict]:
     """`head_explained_variance`'s sums for one prompt and layer, from its `head_tags` (without
-    `pca`, the PCA bound's numerator is NaN)."""
+    `pca`, the PCA bound's numerator is NaN; a head's `outputs64`, where `_layer_heads` made it,
+    stands for its `outputs`: the same numbers in float64)."""
     rows, centred, ks, counted = [], [], [], []
     for ht in heads:
         n_tags, members = len(ht["sinks"]), ht["members"]
@@ -253,7 +260,7 @@ def _ev_rows(heads: list[dict], p: int, layer: int, min_caught: int = 2, pca: bo
             row.update(num=np.nan, den=np.nan, num_raw=np.nan, den_raw=np.nan, num_pca=np.nan)
         else:
             basis = orthonormal_basis(ht["tags"])
-            sums, Hc = _variance_sums(ht["outputs"][members], basis)
+            sums, Hc = _variance_sums(ht.get("outputs64", ht["outputs"])[members], basis)
             row.update(sums, num_pca=np.nan)
             if pca:
                 centred.append(Hc)
@@ -342,15 +349,18 @@ def tag_cosines(model: Model, cap: Capture, st: SinkStats, layer: int, eps: floa
         hp, sp = hp[keep], sp[keep]
     if not len(hp):
         return _cosine_frame([])
-    unit = lambda x: x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)  # noqa: E731
-    On = unit(L["outputs"].double())  # (H, T, d)
-    Tn = unit(L["token_tags"].double())  # (H, T, d): the tag of every token
-    # cos(t_s, o_i) for every pair and token: each head's sink tags (padded to the most sinks of a
-    # head) against that head's outputs, one batched product
+    O = L["outputs64"] if "outputs64" in L else L["outputs"].double()  # (H, T, d)
+    Tt = L["token_tags64"] if "token_tags64" in L else L["token_tags"].double()  # (H, T, d): the tag of every token
+    # cosines as dot products over the two norms (floored at 1e-12), so the (H, T, d) tables are
+    # not normalised as a whole
+    o_norm, t_norm = O.norm(dim=-1).clamp_min(1e-12), Tt.norm(dim=-1).clamp_min(1e-12)  # (H, T)
+    # cos(t_s, o_i) for every pair and token: each head's unit sink tags (padded to the most sinks
+    # of a head) against that head's outputs, one batched product
     slot = np.arange(len(hp)) - np.searchsorted(hp, hp)  # the pair's index among its head's sinks
-    picked = torch.zeros(H, int(slot.max()) + 1, Tn.shape[-1], dtype=torch.float64)
-    picked[torch.as_tensor(hp), torch.as_tensor(slot)] = Tn[torch.as_tensor(hp), torch.as_tensor(sp)]
-    cos_pairs = (picked @ On.transpose(1, 2))[torch.as_tensor(hp), torch.as_tensor(slot)].numpy()  # (pairs, T)
+    hp_t, sp_t = torch.as_tensor(hp), torch.as_tensor(sp)
+    picked = torch.zeros(H, int(slot.max()) + 1, Tt.shape[-1], dtype=torch.float64)
+    picked[hp_t, torch.as_tensor(slot)] = Tt[hp_t, sp_t] / t_norm[hp_t, sp_t, None]
+    cos_pairs = ((picked @ O.transpose(1, 2))[hp_t, torch.as_tensor(slot)] / o_norm[hp_t]).numpy()  # (pairs, T)
     pi, query = np.nonzero((np.arange(T)[None, :] > sp[:, None]) & ~S[hp])  # later non-sink queries
     head, sink = hp[pi], sp[pi]
     # baseline: another non-sink token j >= 1 of the same head, j != i, uniformly at random
@@ -362,8 +372,10 @@ def tag_cosines(model: Model, cap: Capture, st: SinkStats, layer: int, eps: floa
     rng = np.random.default_rng([int(seed), int(prompt), int(layer)])
     r = np.floor(rng.random(len(query)) * np.maximum(n_cand - 1, 1)).astype(int)
     j = order[head, r + (r >= rank[head, query])]  # skip the query itself
-    h_t, q_t, j_t = (torch.as_tensor(x) for x in (head, query, j))
-    other = (On[h_t, q_t] * Tn[h_t, j_t]).sum(-1).numpy()
+    d = O.shape[-1]  # rows gathered from the flattened (H * T, d) tables: index_select is cheaper
+    rows_o, rows_t = (torch.as_tensor(head * T + x) for x in (query, j))
+    other = ((O.reshape(-1, d).index_select(0, rows_o) * Tt.reshape(-1, d).index_select(0, rows_t)).sum(-1)
+             / (o_norm.reshape(-1)[rows_o] * t_norm.reshape(-1)[rows_t])).numpy()
     other[n_cand < 2] = np.nan
     return _cosine_frame([pd.DataFrame(dict(layer=layer, head=head, sink=sink, query=query,
                                             caught=C[head, query] == sink, cos=cos_pairs[pi, query],
@@ -673,60 +685,84 @@ def tag_geometry(
     Cosines of random directions in d_model dimensions are about 1/sqrt(d_model) in size
     (`random_abs_cos`).
     """
-    from .capture import to_residual
     from .progress import progress as progress_bar
 
     eps = check_eps(eps)
     caps = _as_list(caps)
     stats = _stats_for(caps, stats)
-    group = model.n_heads // model.n_kv_heads
     pair_rows, sink_rows = [], []
     for p, (cap, st) in progress_bar(list(enumerate(zip(caps, stats))), "tag geometry", enabled=progress):
         sk = st.sinks(eps)
-        vecs, meta, wos = [], [], []
+        acc = ([], [], [])
         for li, layer in enumerate(st.layers):
-            ai = cap.attn_inputs[layer]
-            T = ai.v.shape[1]
-            wo_all = per_head_project(model, layer, ai.v).double()  # (H, T, d): W_O^h v_j
-            t_all = to_residual(model, layer, wo_all)  # (H, T, d): as it enters the residual stream
-            norms = t_all.norm(dim=-1)  # (H, T)
-            x = None
-            if cap.resid_post is not None and layer > 0:
-                x = cap.resid_post[layer - 1, 1:].double()
-                x = x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-            for h in range(model.n_heads):
-                pos = torch.nonzero(sk[li, h]).flatten().tolist()
-                rest = [i for i in range(1, T) if i not in pos]
-                ref = float(norms[h, rest].median()) if rest else float("nan")
-                for s in pos:
-                    r = t_all[h, s] / norms[h, s].clamp_min(1e-12)
-                    ct = float((x @ r).abs().median()) if x is not None else float("nan")
-                    ratio = float(norms[h, s]) / ref if ref > 0 else float("nan")
-                    sink_rows.append(dict(prompt=p, layer=layer, head=h, position=s,
-                                          kind=token_kind(cap.tokens[s], s), value_ratio=ratio,
-                                          noop=bool(ratio < noop_ratio), cos_tokens=ct))
-                    vecs.append(r)
-                    wos.append(wo_all[h, s] / wo_all[h, s].norm().clamp_min(1e-12))
-                    meta.append((layer, h, h // group, s, ai.v[h, s].double()))
-        if len(vecs) < 2:
-            continue
-        R = torch.stack(vecs)
-        C = (R @ R.T).numpy()
-        W = torch.stack(wos)
-        Cw = (W @ W.T).numpy()
-        L_, H_, K_ = (np.array([x[i] for x in meta]) for i in range(3))
-        iu, ju = np.triu_indices(len(meta), k=1)
-        same_layer = L_[iu] == L_[ju]
-        same_head = same_layer & (H_[iu] == H_[ju])
-        for kind, sel in (("same head", same_head), ("same layer", same_layer & ~same_head & (K_[iu] != K_[ju])),
-                          ("across layers", ~same_layer)):
-            ia, ib = iu[sel], ju[sel]
-            cv = np.full(len(ia), np.nan)
-            if kind == "same head" and len(ia):
-                va = torch.stack([meta[i][4] for i in ia])
-                vb = torch.stack([meta[i][4] for i in ib])
-                cv = ((va * vb).sum(-1) / (va.norm(dim=-1) * vb.norm(dim=-1)).clamp_min(1e-12)).numpy()
-            pair_rows.append(pd.DataFrame(dict(prompt=p, kind=kind, cos=C[ia, ib], cos_wo=Cw[ia, ib], cos_value=cv)))
+            _geometry_layer(model, cap, sk[li], layer, p, noop_ratio, sink_rows, acc)
+        pair_rows += _geometry_pairs(p, *acc)
+    return _geometry_frames(pair_rows, sink_rows)
+
+
+def _geometry_layer(model: Model, cap: Capture, sk: torch.Tensor, layer: int, p: int, noop_ratio: float,
+                    sink_rows: list, acc: tuple, wo_all: torch.Tensor | None = None) -> None:
+    """`tag_geometry`'s work on one layer of prompt `p` (sk: the layer's (H, T) sink mask):
+    appends its sinks' rows to `sink_rows` and their unit tags (residual stream, before the
+    norm's gain) and (layer, head, kv head, position, value) to the three lists of `acc`.
+    `wo_all` (H, T, d) float64 = W_O^h v_j of every token, when the caller already has it."""
+    from .capture import to_residual
+
+    vecs, wos, meta = acc
+    group = model.n_heads // model.n_kv_heads
+    ai = cap.attn_inputs[layer]
+    T = ai.v.shape[1]
+    if wo_all is None:
+        wo_all = per_head_project(model, layer, ai.v).double()  # (H, T, d): W_O^h v_j
+    t_all = to_residual(model, layer, wo_all)  # (H, T, d): as it enters the residual stream
+    norms = t_all.norm(dim=-1)  # (H, T)
+    x = None
+    if cap.resid_post is not None and layer > 0:
+        x = cap.resid_post[layer - 1, 1:].double()
+        x = x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    for h in range(model.n_heads):
+        pos = torch.nonzero(sk[h]).flatten().tolist()
+        rest = [i for i in range(1, T) if i not in pos]
+        ref = float(norms[h, rest].median()) if rest else float("nan")
+        for s in pos:
+            r = t_all[h, s] / norms[h, s].clamp_min(1e-12)
+            ct = float((x @ r).abs().median()) if x is not None else float("nan")
+            ratio = float(norms[h, s]) / ref if ref > 0 else float("nan")
+            sink_rows.append(dict(prompt=p, layer=layer, head=h, position=s,
+                                  kind=token_kind(cap.tokens[s], s), value_ratio=ratio,
+                                  noop=bool(ratio < noop_ratio), cos_tokens=ct))
+            vecs.append(r)
+            wos.append(wo_all[h, s] / wo_all[h, s].norm().clamp_min(1e-12))
+            meta.append((layer, h, h // group, s, ai.v[h, s].double()))
+
+
+def _geometry_pairs(p: int, vecs: list, wos: list, meta: list) -> list[pd.DataFrame]:
+    """`tag_geometry`'s pair rows of prompt `p` from the lists `_geometry_layer` filled."""
+    pair_rows = []
+    if len(vecs) < 2:
+        return pair_rows
+    R = torch.stack(vecs)
+    C = (R @ R.T).numpy()
+    W = torch.stack(wos)
+    Cw = (W @ W.T).numpy()
+    L_, H_, K_ = (np.array([x[i] for x in meta]) for i in range(3))
+    iu, ju = np.triu_indices(len(meta), k=1)
+    same_layer = L_[iu] == L_[ju]
+    same_head = same_layer & (H_[iu] == H_[ju])
+    for kind, sel in (("same head", same_head), ("same layer", same_layer & ~same_head & (K_[iu] != K_[ju])),
+                      ("across layers", ~same_layer)):
+        ia, ib = iu[sel], ju[sel]
+        cv = np.full(len(ia), np.nan)
+        if kind == "same head" and len(ia):
+            va = torch.stack([meta[i][4] for i in ia])
+            vb = torch.stack([meta[i][4] for i in ib])
+            cv = ((va * vb).sum(-1) / (va.norm(dim=-1) * vb.norm(dim=-1)).clamp_min(1e-12)).numpy()
+        pair_rows.append(pd.DataFrame(dict(prompt=p, kind=kind, cos=C[ia, ib], cos_wo=Cw[ia, ib], cos_value=cv)))
+    return pair_rows
+
+
+def _geometry_frames(pair_rows: list, sink_rows: list) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """`tag_geometry`'s (pairs, sinks) tables from its rows."""
     cols = ["prompt", "kind", "cos", "cos_wo", "cos_value"]
     pairs = pd.concat(pair_rows, ignore_index=True)[cols] if pair_rows else pd.DataFrame(columns=cols)
     sinks = pd.DataFrame(sink_rows, columns=["prompt", "layer", "head", "position", "kind", "value_ratio",
@@ -903,22 +939,26 @@ def tag_measures(model: Model, caps: Sequence[Capture], eps: float = DEFAULT_EPS
     caps = _as_list(caps)
     stats = [sink_stats(c) for c in caps]
     layers = caps[0].layers
-    cos, ev, ve = [], [], []
-    # one pass: each layer's attention and head outputs are computed once for the three measures
-    # (the same numbers as tag_cosine_table, head_explained_variance and value_space_ev)
+    cos, ev, ve, pair_rows, sink_rows = [], [], [], [], []
+    # one pass: each layer's attention, head outputs, tags and their float64 copies are computed
+    # once for the four measures (the same numbers as tag_cosine_table, head_explained_variance,
+    # value_space_ev and tag_geometry)
     for p, (cap, st) in progress_bar(list(enumerate(zip(caps, stats))), "tag measures", enabled=progress):
         masks = (st.sinks(eps), st.caught(eps))
+        acc = ([], [], [])
         for layer in layers:
             heads, L = _layer_heads(model, cap, st, layer, eps, masks, value_space=True)
             t = tag_cosines(model, cap, st, layer, eps, seed=seed, prompt=p, _layer=L)
             t.insert(0, "prompt", p)
             cos.append(t)
             ev += _ev_rows(heads, p, layer, pca=False)
-            ve += _ve_rows(cap.attn_inputs[layer].v.double(), L["X"], L["sinks"], seed, p, layer)
+            ve += _ve_rows(L["V"], L["X"], L["sinks"], seed, p, layer)
+            _geometry_layer(model, cap, masks[0][st.layers.index(layer)], layer, p, noop_ratio, sink_rows, acc,
+                            wo_all=L["token_tags64"])
+        pair_rows += _geometry_pairs(p, *acc)
     return dict(
         stats=stats, cos=_cosine_frame(cos, prompt_column=True), ve=_ve_table(ve, layers, model.n_heads),
-        ev=_ev_table(ev, layers, model.n_heads),
-        geometry=tag_geometry(model, caps, eps, stats=stats, noop_ratio=noop_ratio, progress=progress),
+        ev=_ev_table(ev, layers, model.n_heads), geometry=_geometry_frames(pair_rows, sink_rows),
         seg=segment_table(stats, eps),
     )
 
