@@ -43,24 +43,28 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import math
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from .errors import CatchtagError
 
 NAME = "catchtag_census"
 DEFAULT_CHUNK = 256
-# At most this many logits (batch x heads x queries x keys) per block: a block whose logits stay in
-# the core's cache is several times faster per logit (matmul output, exp, sums) than one that does
-# not, so long prompts run fewer than `chunk` queries per block (at least MIN_BLOCK_ROWS).
+# At most this many logits (queries x keys, over the query heads of one kv head) per block: a block
+# whose logits stay in the core's L2 cache (2^19 float32 = 2 MiB) is cheaper per logit (matrix
+# products, exp, sums) than one that does not, so long prompts run fewer than `chunk` queries per
+# block (at least MIN_BLOCK_ROWS).
 BLOCK_LOGITS = 1 << 19
-MIN_BLOCK_ROWS = 32
+MIN_BLOCK_ROWS = 8
 
 
 @dataclasses.dataclass
 class LayerCensus:
-    """Raw census sums of one layer for a batch: tensors (B, H, T), `n_visible` (B, T)."""
+    """Raw census sums of one layer for a batch: tensors (B, H, T), `n_visible` (B, T). Padding
+    queries (after a row's length) have no column sums, top_key -1, top_value 0 and row_sum 0."""
 
     col_sum: torch.Tensor  # float64
     n_visible: torch.Tensor  # long: queries (real, not padding) that can see key k
@@ -75,6 +79,8 @@ class _Recorder:
         self.lengths = list(lengths)
         self.chunk = chunk
         self.out: dict[int, LayerCensus] = {}
+        # working memory reused by every block and layer of the forward (`_buffer`)
+        self.buffers: dict[str, torch.Tensor] = {}
 
     def wants(self, layer) -> bool:
         return layer is not None and (self.layers is None or layer in self.layers)
@@ -83,34 +89,48 @@ class _Recorder:
 _ACTIVE: _Recorder | None = None
 
 
-@functools.lru_cache(maxsize=8)
-def _triu(size: int) -> torch.Tensor:
-    """(size, size) bool, True strictly above the diagonal (keys after the query: masked)."""
-    return torch.ones(size, size, dtype=torch.bool).triu(1)
+def _buffer(store: dict | None, name: str, shape: tuple, dtype, device) -> torch.Tensor:
+    """An uninitialised tensor of `shape` over the flat buffer `store[name]`, grown when too small:
+    the blocks and layers of one forward reuse the same memory rather than asking the allocator for
+    fresh pages each time (which, for blocks of changing sizes, the C allocator may take from and
+    give back to the kernel: page faults and zeroing on every block)."""
+    n = math.prod(shape)
+    buf = store.get(name) if store is not None else None
+    if buf is None or buf.numel() < n or buf.dtype != dtype or buf.device != device:
+        buf = torch.empty(n, dtype=dtype, device=device)
+        if store is not None:
+            store[name] = buf
+    return buf[:n].view(shape)
 
 
-def _allowed(start: int, stop: int, lo: int, hi: int, window: int | None) -> torch.Tensor:
-    rows = torch.arange(start, stop)[:, None]
-    cols = torch.arange(lo, hi)[None, :]
-    ok = cols <= rows
-    if window:
-        ok &= rows - cols < window
-    return ok
-
-
-def _first_argmax(x: torch.Tensor) -> torch.Tensor:
-    """x.argmax(-1) with ties to the first index, as `torch.max` breaks them; on the CPU through
-    NumPy, whose vectorised argmax is about ten times faster than torch's max-with-indices kernel
-    (the census's costliest reduction otherwise). Same result: NaN (none occur) wins, as in torch."""
-    if x.device.type == "cpu" and x.is_contiguous():
-        return torch.from_numpy(x.numpy().argmax(axis=-1))
-    return x.max(dim=-1).indices
+@functools.lru_cache(maxsize=2)
+def _mask_tables(n: int) -> dict[str, torch.Tensor]:
+    """Masks of a block of at most n queries, as tables to slice: for its diagonal square (query i,
+    key j of the last R keys) and, under a sliding window, its first R keys (a query sees key j
+    when i - j < c, for the block's c: `win` table column j + c - 1). `*_neg`: 0 or -inf, added
+    to the logits before the argmax (`causal_neg_diag` masks the query itself too); `*_floor`: -inf
+    or 0, raising the masked entries of S - m to 0 (torch's exp of -inf is ~20x slower than of a
+    finite number, on the CPU); `*_keep`: 1 or 0, zeroing them again after exp."""
+    i = torch.arange(n)[:, None]
+    tables = {}
+    for name, masked in (
+        ("causal", torch.arange(n)[None, :] > i),
+        ("causal_diag", torch.arange(n)[None, :] >= i),
+        ("win", torch.arange(2 * n)[None, :] < i),
+    ):
+        neg = torch.zeros(masked.shape).masked_fill_(masked, float("-inf"))
+        tables[name + "_neg"] = neg
+        if name != "causal_diag":
+            tables[name + "_floor"] = torch.full(masked.shape, float("-inf")).masked_fill_(masked, 0.0)
+            tables[name + "_keep"] = (~masked).float()
+    return tables
 
 
 def _blocks(T: int, chunk: int, window: int | None, heads: int):
     """(start, stop, lo): query blocks [start, stop) covering 0..T-1 and the first key lo that a
     query of the block can see (keys lo..stop-1 are computed). At most `chunk` queries a block,
-    fewer where the block's logits (heads x queries x keys) would pass BLOCK_LOGITS."""
+    fewer where the block's logits (`heads` rows per query: the query heads of one kv head, x
+    queries x keys) would pass BLOCK_LOGITS, but at least MIN_BLOCK_ROWS."""
     start = 0
     while start < T:
         lo = max(0, start - window + 1) if window else 0
@@ -118,6 +138,14 @@ def _blocks(T: int, chunk: int, window: int | None, heads: int):
         stop = min(start + min(chunk, max(MIN_BLOCK_ROWS, rows)), T)
         yield start, stop, lo
         start = stop
+
+
+@functools.lru_cache(maxsize=64)
+def _plan(T: int, chunk: int, window: int | None, rep: int):
+    """The blocks of `_blocks` as a tuple, and (T * rep,) long: each row's block's first key."""
+    plan = tuple(_blocks(T, chunk, window, rep))
+    lo_rows = torch.cat([torch.full(((stop - start) * rep,), lo, dtype=torch.long) for start, stop, lo in plan])
+    return plan, lo_rows
 
 
 def census_attention_forward(
@@ -137,12 +165,15 @@ def census_attention_forward(
     (output (B, T, H, dh), None). Records the layer's census sums when `census_forward` is running.
 
     A layer whose census is not wanted runs PyTorch's fused sdpa kernel where it applies (no
-    softcap, no sink logits, no window shorter than the prompt). A recorded layer runs block by
-    block, in one pass over each block's logits S (queries of the block x the keys they can see):
-    the row's largest logit other than the diagonal and its key (argmax of the logits is argmax of
-    the probabilities, ties to the first key), the row maximum m, E = exp(S - m) in place, the
-    normaliser den = sum E (+ exp(sink - m)), then output = (E @ v) / den and column sums
-    (1 / den) @ E: the probabilities A = E / den are never formed."""
+    softcap, no sink logits, no window shorter than the prompt). Otherwise the queries of each kv
+    head run block by block (the rep = H / Hkv query heads that read that kv head together, time-
+    major: row t * rep + r is query t of head g * rep + r), in one pass over each block's logits S
+    (queries of the block x the keys they can see): with the diagonal masked, the row's largest
+    logit other than the diagonal and its key (NumPy's argmax; ties to the first key), the row
+    maximum m (that logit or the diagonal), E = exp(S - m) in place, the normaliser den = sum E (+
+    exp(sink - m)), the unnormalised output E @ v and the column sums (1 / den) @ E per head: the
+    probabilities A = E / den are never formed. The outputs are divided by den, and the top keys'
+    probabilities exp(top - m) / den formed, once per layer."""
     B, H, T, dh = query.shape
     Hkv, S = key.shape[1], key.shape[2]
     if S != T:
@@ -169,86 +200,154 @@ def census_attention_forward(
                 query, key, value, is_causal=True, scale=scale, enable_gqa=rep > 1,
             )
         return out.transpose(1, 2).contiguous(), None
+    lengths = [T] * B
+    if rec is not None:
+        if len(rec.lengths) != B or max(rec.lengths) > T:
+            raise CatchtagError(
+                f"the census recorder has lengths {rec.lengths} for a batch of {B} rows of {T} tokens"
+            )
+        lengths = rec.lengths
     dev = query.device
-    # the scale folded into q once (bit-exact when it is a power of two, as for head_dim 64)
-    q5 = (query.float() * scale).reshape(B, Hkv, rep, T, dh)
-    k = key.float().contiguous()  # the model passes transposed views: one copy, not one per block
-    v = value.float().contiguous()
-    sink = None
-    if s_aux is not None:
-        sink = s_aux.detach().float().reshape(1, Hkv, rep, 1)
-    out = torch.empty(B, Hkv, rep, T, dh, dtype=torch.float32, device=dev)
-    if record:
-        lengths = torch.tensor(rec.lengths, device=dev)
-        shortest = min(rec.lengths)  # rows of the batch padded after their `length` tokens
-        col_sum = torch.zeros(B, H, T, dtype=torch.float64, device=dev)
-        row_sum = torch.ones(B, H, T, dtype=torch.float64, device=dev)
-        top_key = torch.full((B, H, T), -1, dtype=torch.long, device=dev)
-        top_value = torch.zeros(B, H, T, dtype=torch.float64, device=dev)
-    neg_inf = float("-inf")
+    store = rec.buffers if rec is not None else None
+    N = T * rep  # rows per kv head: query t of head g * rep + r is row t * rep + r
+    f32 = torch.float32
     with torch.no_grad():
-        for start, stop, lo in _blocks(T, chunk, window, B * H):
-            R = stop - start
-            hi = stop
-            K = hi - lo
-            qc = q5[:, :, :, start:stop].reshape(B, Hkv, rep * R, dh)
-            scores = torch.matmul(qc, k[:, :, lo:hi].transpose(-1, -2))  # (B, Hkv, rep*R, K)
-            s5 = scores.view(B, Hkv, rep, R, K)
-            if softcap:
-                scores.div_(softcap).tanh_().mul_(softcap)
-            if K <= 2 * R:
-                s5.masked_fill_(~_allowed(start, stop, lo, hi, window), neg_inf)
-            else:
-                # only the block's last R keys (the diagonal square) and, under a window, its first
-                # R keys can be masked for some query of the block
-                s5[..., K - R:].masked_fill_(_triu(R), neg_inf)
-                if window and stop - window > lo:  # some key of the first R is out of a row's window
-                    s5[..., :R].masked_fill_(~_allowed(start, stop, lo, lo + R, window), neg_inf)
-            if record:
-                # the row's largest logit other than the diagonal (the query itself), and its key
-                diag = s5[..., K - R:].diagonal(dim1=-2, dim2=-1)  # (B, Hkv, rep, R) view
-                d = diag.clone()
-                diag.fill_(neg_inf)
-                idx = _first_argmax(scores).view(B, Hkv, rep, R)
-                top = s5.gather(-1, idx[..., None])[..., 0]
-                diag.copy_(d)
-                m = torch.maximum(top, d)  # the row maximum (the diagonal is always visible)
-            else:
-                m = s5.amax(dim=-1)
-            if sink is not None:
-                m = torch.maximum(m, sink)
-            e5 = s5.sub_(m[..., None]).exp_()  # E = exp(S - m), in place
-            mass = e5.sum(dim=-1)  # (B, Hkv, rep, R): the keys' share of den
-            den = mass if sink is None else mass + torch.exp(sink - m)
-            inv = den.reciprocal_() if sink is not None else den.reciprocal()
-            o = torch.matmul(scores, v[:, :, lo:hi]).view(B, Hkv, rep, R, dh)
-            torch.mul(o, inv[..., None], out=out[:, :, :, start:stop])
-            if not record:
-                continue
-            if sink is not None:  # without sink logits every row sums to 1 (row_sum stays 1)
-                row_sum[:, :, start:stop] = (mass * inv).reshape(B, H, R)
-            w = inv
-            if shortest < stop:  # padding queries: left out of every sum
-                real = torch.arange(start, stop, device=dev)[None, :] < lengths[:, None]  # (B, R)
-                w = inv * real[:, None, None, :]
-            # column sums of A = E / den: a (1, R) @ (R, K) product per head
-            col_sum[:, :, lo:hi].add_(torch.matmul(w[..., None, :], e5).view(B, H, K))
-            val = (top - m).exp_().mul_(inv)  # A at the top key
-            idx += lo
-            idx.masked_fill_(val <= 0, 0)  # nothing positive but the diagonal: the first maximum (0) is key 0
-            if start == 0:
-                idx[..., 0] = -1
-                val[..., 0] = 0.0
-            top_key[:, :, start:stop] = idx.reshape(B, H, R)
-            top_value[:, :, start:stop] = val.reshape(B, H, R)
-    if record:
-        n_visible = torch.zeros(B, T, dtype=torch.long)
-        for b, n in enumerate(rec.lengths):
-            counts = torch.arange(n, 0, -1)
-            n_visible[b, :n] = counts.clamp_max(window) if window else counts
-        rec.out[layer] = LayerCensus(col_sum, n_visible, row_sum, top_key, top_value)
-    out = out.view(B, H, T, dh).transpose(1, 2).contiguous().to(dtype)
-    return out, None
+        # the scale folded into q once (bit-exact when it is a power of two, as for head_dim 64)
+        q = _buffer(store, "q", (B, Hkv, T, rep, dh), f32, dev)
+        q_src = query.unflatten(1, (Hkv, rep)).transpose(2, 3)
+        if query.dtype == f32:
+            torch.mul(q_src, scale, out=q)
+        else:
+            q.copy_(q_src).mul_(scale)
+        q = q.view(B, Hkv, N, dh)
+        k = _buffer(store, "k", (B, Hkv, T, dh), f32, dev)
+        k.copy_(key)  # the model passes transposed views: one copy, not one per block
+        v = _buffer(store, "v", (B, Hkv, T, dh), f32, dev)
+        v.copy_(value)
+        o = _buffer(store, "o", (B, Hkv, N, dh), f32, dev)  # E @ v, divided by den at the end
+        mx = _buffer(store, "m", (B, Hkv, N), f32, dev)  # the row maximum m
+        inv = _buffer(store, "inv", (B, Hkv, N), f32, dev)  # 1 / den
+        plans = [_plan(n, chunk, window, rep) for n in lengths]
+        s_buf = _buffer(
+            store, "scores", (max(rep * (stop - start) * (stop - lo) for plan, _ in plans for start, stop, lo in plan),),
+            f32, dev,
+        )
+        sink = None
+        if s_aux is not None:
+            sink = s_aux.detach().to(f32).reshape(Hkv, rep)
+        if record:
+            top = _buffer(store, "top", (B, Hkv, N), f32, dev)  # the largest non-diagonal logit
+            idx = _buffer(store, "idx", (B, Hkv, N), torch.long, dev)  # its key, from the block's lo
+            mass = _buffer(store, "mass", (B, Hkv, N), f32, dev) if sink is not None else None
+            col_sum = torch.zeros(B, H, T, dtype=torch.float64, device=dev)
+            on_cpu = dev.type == "cpu"
+            w = torch.zeros(rep, rep * max(stop - start for plan, _ in plans for start, stop, lo in plan), device=dev)
+        masks = {k: t.to(dev) for k, t in _mask_tables(max(stop - start for plan, _ in plans for start, stop, lo in plan)).items()}
+        for b, (plan, _) in enumerate(plans):
+            n = lengths[b]
+            if n < T:  # padding queries (after the real tokens): output 0, in no sum
+                o[b, :, n * rep:].zero_()
+                inv[b, :, n * rep:].zero_()
+            for g in range(Hkv):
+                qg, kg, vg, og, mg, ig = q[b, g], k[b, g], v[b, g], o[b, g], mx[b, g], inv[b, g]
+                if record:
+                    tg, xg = top[b, g], idx[b, g]
+                    xg_np = xg.numpy() if on_cpu else None
+                    cg = col_sum[b, g * rep:(g + 1) * rep]
+                sg = None if sink is None else sink[g]
+                for start, stop, lo in plan:
+                    R, K = stop - start, stop - lo
+                    r0, r1 = start * rep, stop * rep
+                    s = s_buf[: rep * R * K].view(rep * R, K)
+                    torch.mm(qg[r0:r1], kg[lo:stop].t(), out=s)
+                    if softcap:
+                        s.div_(softcap).tanh_().mul_(softcap)
+                    s3 = s.view(R, rep, K)
+                    m = mg[r0:r1]
+                    if record:  # the diagonal (query t, key t), kept in m while it is masked
+                        diag = s.as_strided((R, rep), (rep * K + 1, K), s.storage_offset() + K - R)
+                        m.view(R, rep).copy_(diag)
+                    # only the block's last R keys (the diagonal square) and, under a window, its
+                    # first R keys can be masked for some query of the block
+                    sq = s3[:, :, K - R:]
+                    sq.add_(masks["causal_diag_neg" if record else "causal_neg"][:R, None, :R])
+                    c = window - (start - lo) if window else R
+                    if c < R:  # the first R keys: query i sees key j when i - j < c
+                        wq = s3[:, :, :R]
+                        wcols = slice(c - 1, c - 1 + R)
+                        wq.add_(masks["win_neg"][:R, None, wcols])
+                    if record:
+                        t, x = tg[r0:r1], xg[r0:r1]
+                        if on_cpu:  # NumPy's argmax: ~10x torch's max-with-indices, ties to the first
+                            np.argmax(s.numpy(), axis=1, out=xg_np[r0:r1])
+                        else:
+                            torch.argmax(s, dim=1, out=x)
+                        torch.gather(s, 1, x[:, None], out=t[:, None])
+                        diag.copy_(m.view(R, rep))
+                        torch.maximum(t, m, out=m)  # the row maximum (the diagonal is always visible)
+                    else:
+                        torch.amax(s, dim=1, out=m)
+                    if sg is not None:
+                        torch.maximum(m.view(R, rep), sg, out=m.view(R, rep))
+                    s.sub_(m[:, None])
+                    torch.maximum(sq, masks["causal_floor"][:R, None, :R], out=sq)
+                    if c < R:
+                        torch.maximum(wq, masks["win_floor"][:R, None, wcols], out=wq)
+                    s.exp_()  # E = exp(S - m), in place; then the masked entries set to 0
+                    sq.mul_(masks["causal_keep"][:R, None, :R])
+                    if c < R:
+                        wq.mul_(masks["win_keep"][:R, None, wcols])
+                    den = ig[r0:r1]
+                    torch.sum(s, dim=1, out=den)
+                    if sg is not None:
+                        if record:
+                            mass[b, g, r0:r1] = den
+                        den.view(R, rep).add_(torch.exp(sg - m.view(R, rep)))
+                    den.reciprocal_()
+                    torch.mm(s, vg[lo:stop], out=og[r0:r1])
+                    if record:
+                        # column sums of A = E / den per head: w @ E with w (rep, R * rep) holding
+                        # 1 / den of head r's rows in its row r, zeros elsewhere
+                        w.as_strided((R, rep), (rep, w.shape[1] + 1)).copy_(den.view(R, rep))
+                        cg[:, lo:stop] += torch.mm(w[:, : R * rep], s)
+        # the outputs E @ v / den, in the model's (B, T, H, dh) layout
+        out = torch.empty(B, T, H, dh, dtype=f32, device=dev)
+        torch.mul(
+            o.view(B, Hkv, T, rep, dh).transpose(1, 2), inv.view(B, Hkv, T, rep, 1).transpose(1, 2),
+            out=out.view(B, T, Hkv, rep, dh),
+        )
+        if record:
+            rec.out[layer] = _finish_layer(B, H, T, rep, window, lengths, plans, col_sum, top, idx, mx, inv, mass)
+    return out.to(dtype), None
+
+
+def _finish_layer(B, H, T, rep, window, lengths, plans, col_sum, top, idx, mx, inv, mass) -> LayerCensus:
+    """The layer's LayerCensus from the per-row block results (B, Hkv, T * rep, time-major)."""
+    val = (top - mx).exp_().mul_(inv)  # A at the top key
+    key = idx.clone()
+    for b, (plan, lo_rows) in enumerate(plans):
+        key[b, :, : len(lo_rows)] += lo_rows.to(key.device)
+    key.masked_fill_(val <= 0, 0)  # nothing positive but the diagonal: the first maximum (0) is key 0
+
+    def heads(x):  # (B, Hkv, T * rep) -> (B, H, T)
+        return x.view(B, -1, T, rep).transpose(2, 3).reshape(B, H, T)
+
+    top_key, top_value = heads(key), heads(val).double()
+    top_key[:, :, 0] = -1
+    top_value[:, :, 0] = 0.0
+    if mass is None:  # without sink logits every row sums to 1
+        row_sum = torch.ones(B, H, T, dtype=torch.float64, device=col_sum.device)
+    else:
+        row_sum = heads(mass * inv).double()
+    n_visible = torch.zeros(B, T, dtype=torch.long)
+    for b, n in enumerate(lengths):
+        counts = torch.arange(n, 0, -1)
+        n_visible[b, :n] = counts.clamp_max(window) if window else counts
+        if n < T:
+            top_key[b, :, n:] = -1
+            top_value[b, :, n:] = 0.0
+            row_sum[b, :, n:] = 0.0
+    return LayerCensus(col_sum, n_visible, row_sum, top_key, top_value)
 
 
 @contextlib.contextmanager
