@@ -43,7 +43,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import math
 from typing import Sequence
 
 import numpy as np
@@ -52,12 +51,10 @@ import torch
 from .errors import CatchtagError
 
 NAME = "catchtag_census"
-DEFAULT_CHUNK = 256
-# At most this many logits (queries x keys, over the query heads of one kv head) per block: a block
-# whose logits stay in the core's L2 cache (2^19 float32 = 2 MiB) is cheaper per logit (matrix
-# products, exp, sums) than one that does not, so long prompts run fewer than `chunk` queries per
-# block (at least MIN_BLOCK_ROWS).
-BLOCK_LOGITS = 1 << 19
+DEFAULT_CHUNK = 64
+# At most this many logits (queries x keys, over the query heads of one kv head) per block, and at
+# least MIN_BLOCK_ROWS queries: long prompts run fewer than `chunk` queries per block.
+BLOCK_LOGITS = 1 << 20
 MIN_BLOCK_ROWS = 8
 
 
@@ -79,8 +76,7 @@ class _Recorder:
         self.lengths = list(lengths)
         self.chunk = chunk
         self.out: dict[int, LayerCensus] = {}
-        # working memory reused by every block and layer of the forward (`_buffer`)
-        self.buffers: dict[str, torch.Tensor] = {}
+        self.work: dict[tuple, _Work] = {}  # working memory of each layer geometry, for the forward
 
     def wants(self, layer) -> bool:
         return layer is not None and (self.layers is None or layer in self.layers)
@@ -89,28 +85,14 @@ class _Recorder:
 _ACTIVE: _Recorder | None = None
 
 
-def _buffer(store: dict | None, name: str, shape: tuple, dtype, device) -> torch.Tensor:
-    """An uninitialised tensor of `shape` over the flat buffer `store[name]`, grown when too small:
-    the blocks and layers of one forward reuse the same memory rather than asking the allocator for
-    fresh pages each time (which, for blocks of changing sizes, the C allocator may take from and
-    give back to the kernel: page faults and zeroing on every block)."""
-    n = math.prod(shape)
-    buf = store.get(name) if store is not None else None
-    if buf is None or buf.numel() < n or buf.dtype != dtype or buf.device != device:
-        buf = torch.empty(n, dtype=dtype, device=device)
-        if store is not None:
-            store[name] = buf
-    return buf[:n].view(shape)
-
-
 @functools.lru_cache(maxsize=2)
 def _mask_tables(n: int) -> dict[str, torch.Tensor]:
     """Masks of a block of at most n queries, as tables to slice: for its diagonal square (query i,
     key j of the last R keys) and, under a sliding window, its first R keys (a query sees key j
     when i - j < c, for the block's c: `win` table column j + c - 1). `*_neg`: 0 or -inf, added
-    to the logits before the argmax (`causal_neg_diag` masks the query itself too); `*_floor`: -inf
-    or 0, raising the masked entries of S - m to 0 (torch's exp of -inf is ~20x slower than of a
-    finite number, on the CPU); `*_keep`: 1 or 0, zeroing them again after exp."""
+    to the logits before the row maximum (`causal_diag_neg` masks the query itself too);
+    `*_floor`: -inf or 0, raising the masked entries of S - m to 0 (torch's exp of -inf is ~20x
+    slower than of a finite number, on the CPU); `*_keep`: 1 or 0, zeroing them again after exp."""
     i = torch.arange(n)[:, None]
     tables = {}
     for name, masked in (
@@ -118,8 +100,7 @@ def _mask_tables(n: int) -> dict[str, torch.Tensor]:
         ("causal_diag", torch.arange(n)[None, :] >= i),
         ("win", torch.arange(2 * n)[None, :] < i),
     ):
-        neg = torch.zeros(masked.shape).masked_fill_(masked, float("-inf"))
-        tables[name + "_neg"] = neg
+        tables[name + "_neg"] = torch.zeros(masked.shape).masked_fill_(masked, float("-inf"))
         if name != "causal_diag":
             tables[name + "_floor"] = torch.full(masked.shape, float("-inf")).masked_fill_(masked, 0.0)
             tables[name + "_keep"] = (~masked).float()
@@ -148,6 +129,89 @@ def _plan(T: int, chunk: int, window: int | None, rep: int):
     return plan, lo_rows
 
 
+class _Work:
+    """Working memory of one layer geometry, and every block's views over it, built once: the
+    blocks of all the layers of that geometry in one forward reuse both, so a block allocates
+    nothing (fresh pages for every block of a changing size cost page faults and zeroing) and
+    makes no view or slicing call, only its ~17 operations.
+
+    Rows are time-major within a kv head g: row t * rep + r is query t of head g * rep + r (the
+    rep = H / Hkv query heads that read kv head g), so a block of R queries of one kv head is one
+    contiguous (R * rep, dh) matrix, and its outputs and row statistics contiguous slices too."""
+
+    def __init__(self, B, Hkv, rep, T, dh, lengths, chunk, window, record, dev):
+        f32 = torch.float32
+        N = T * rep
+        self.q = torch.empty(B, Hkv, T, rep, dh, dtype=f32, device=dev)
+        self.k = torch.empty(B, Hkv, T, dh, dtype=f32, device=dev)
+        self.v = torch.empty(B, Hkv, T, dh, dtype=f32, device=dev)
+        self.o = torch.empty(B, Hkv, N, dh, dtype=f32, device=dev)  # E @ v, divided by den at the end
+        self.m = torch.empty(B, Hkv, N, dtype=f32, device=dev)  # the row maximum m
+        self.inv = torch.empty(B, Hkv, N, dtype=f32, device=dev)  # 1 / den (den: E's row sum [+ sink])
+        self.mass = torch.empty(B, Hkv, N, dtype=f32, device=dev)  # E's row sum (sink logits only)
+        self.plans = [_plan(n, chunk, window, rep) for n in lengths]
+        geometry = [(stop - start, stop - lo) for plan, _ in self.plans for start, stop, lo in plan]
+        rmax = max(R for R, _ in geometry)
+        self.s_buf = torch.empty(max(rep * R * K for R, K in geometry), dtype=f32, device=dev)
+        masks = {k: t.to(dev) for k, t in _mask_tables(rmax).items()}
+        if record:
+            self.top = torch.empty(B, Hkv, N, dtype=f32, device=dev)  # the largest non-diagonal logit
+            self.idx = torch.empty(B, Hkv, N, dtype=torch.long, device=dev)  # its key, from the block's lo
+            self.col_sum = torch.zeros(B, Hkv * rep, T, dtype=torch.float64, device=dev)
+            # 1 / den of head r's rows of a block in row r, zeros elsewhere: column sums w @ E
+            self.w = torch.zeros(rep, rep * rmax, dtype=f32, device=dev)
+        on_cpu = dev.type == "cpu"
+        qrows = self.q.view(B, Hkv, N, dh)
+        self.blocks = []  # per (b, g): the blocks' views
+        for b, (plan, _) in enumerate(self.plans):
+            for g in range(Hkv):
+                views = []
+                idx_np = self.idx[b, g].numpy() if record and on_cpu else None
+                for start, stop, lo in plan:
+                    R, K = stop - start, stop - lo
+                    r0, r1 = start * rep, stop * rep
+                    s = self.s_buf[: rep * R * K].view(rep * R, K)
+                    s3 = s.view(R, rep, K)
+                    m = self.m[b, g, r0:r1]
+                    den = self.inv[b, g, r0:r1]
+                    # only the block's last R keys (the diagonal square) and, under a window, its
+                    # first R keys can be masked for some query of the block
+                    sq = s3[:, :, K - R:]
+                    square = (sq, masks["causal_diag_neg" if record else "causal_neg"][:R, None, :R],
+                              masks["causal_floor"][:R, None, :R], masks["causal_keep"][:R, None, :R])
+                    c = window - (start - lo) if window else R
+                    win = None
+                    if c < R:  # query i of the block sees key lo + j (j < R) when i - j < c
+                        cols = slice(c - 1, c - 1 + R)
+                        win = (s3[:, :, :R], masks["win_neg"][:R, None, cols],
+                               masks["win_floor"][:R, None, cols], masks["win_keep"][:R, None, cols])
+                    rec_views = None
+                    if record:
+                        t, x = self.top[b, g, r0:r1], self.idx[b, g, r0:r1]
+                        rec_views = (
+                            s.as_strided((R, rep), (rep * K + 1, K), s.storage_offset() + K - R),  # diagonal
+                            s.numpy() if on_cpu else None, x, idx_np[r0:r1] if on_cpu else None,
+                            t, t[:, None], x[:, None],
+                            self.w.as_strided((R, rep), (rep, self.w.shape[1] + 1)), self.w[:, : rep * R],
+                            self.col_sum[b, g * rep:(g + 1) * rep, lo:stop],
+                        )
+                    views.append((
+                        qrows[b, g, r0:r1], self.k[b, g, lo:stop].t(), self.v[b, g, lo:stop],
+                        self.o[b, g, r0:r1], s, square, win, m, m.view(R, rep), m[:, None], den,
+                        den.view(R, rep), self.mass[b, g, r0:r1], rec_views,
+                    ))
+                self.blocks.append(views)
+
+
+def _work(rec, B, Hkv, rep, T, dh, lengths, chunk, window, record, dev) -> _Work:
+    if rec is None:
+        return _Work(B, Hkv, rep, T, dh, lengths, chunk, window, record, dev)
+    key = (B, Hkv, rep, T, dh, chunk, window, record, str(dev))
+    if key not in rec.work:
+        rec.work[key] = _Work(B, Hkv, rep, T, dh, lengths, chunk, window, record, dev)
+    return rec.work[key]
+
+
 def census_attention_forward(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -166,14 +230,14 @@ def census_attention_forward(
 
     A layer whose census is not wanted runs PyTorch's fused sdpa kernel where it applies (no
     softcap, no sink logits, no window shorter than the prompt). Otherwise the queries of each kv
-    head run block by block (the rep = H / Hkv query heads that read that kv head together, time-
-    major: row t * rep + r is query t of head g * rep + r), in one pass over each block's logits S
-    (queries of the block x the keys they can see): with the diagonal masked, the row's largest
-    logit other than the diagonal and its key (NumPy's argmax; ties to the first key), the row
-    maximum m (that logit or the diagonal), E = exp(S - m) in place, the normaliser den = sum E (+
-    exp(sink - m)), the unnormalised output E @ v and the column sums (1 / den) @ E per head: the
-    probabilities A = E / den are never formed. The outputs are divided by den, and the top keys'
-    probabilities exp(top - m) / den formed, once per layer."""
+    head run block by block (the rep = H / Hkv query heads that read it together, see `_Work`), in
+    one pass over each block's logits S (queries of the block x the keys they can see): with the
+    diagonal masked, the row's largest logit other than the diagonal and its key (NumPy's argmax;
+    ties to the first key), the row maximum m (that logit or the diagonal's), E = exp(S - m) in
+    place, the normaliser den = sum E (+ exp(sink - m)), the unnormalised output E @ v and the
+    column sums (1 / den) @ E per head: the probabilities A = E / den are never formed. The
+    outputs are divided by den, and the top keys' probabilities exp(top - m) / den formed, once
+    per layer."""
     B, H, T, dh = query.shape
     Hkv, S = key.shape[1], key.shape[2]
     if S != T:
@@ -188,13 +252,13 @@ def census_attention_forward(
         )
     rep = H // Hkv
     scale = float(scaling) if scaling is not None else dh ** -0.5
-    window = int(sliding_window) if sliding_window else None
+    window = int(sliding_window) if sliding_window and sliding_window < T else None
     rec = _ACTIVE
     layer = getattr(module, "layer_idx", None)
     record = rec is not None and rec.wants(layer)
     chunk = rec.chunk if rec is not None else DEFAULT_CHUNK
     dtype = query.dtype
-    if not record and not softcap and s_aux is None and (window is None or window >= T):
+    if not record and not softcap and s_aux is None and window is None:
         with torch.no_grad():
             out = torch.nn.functional.scaled_dot_product_attention(
                 query, key, value, is_causal=True, scale=scale, enable_gqa=rep > 1,
@@ -208,124 +272,82 @@ def census_attention_forward(
             )
         lengths = rec.lengths
     dev = query.device
-    store = rec.buffers if rec is not None else None
-    N = T * rep  # rows per kv head: query t of head g * rep + r is row t * rep + r
     f32 = torch.float32
     with torch.no_grad():
+        w = _work(rec, B, Hkv, rep, T, dh, tuple(lengths), chunk, window, record, dev)
         # the scale folded into q once (bit-exact when it is a power of two, as for head_dim 64)
-        q = _buffer(store, "q", (B, Hkv, T, rep, dh), f32, dev)
         q_src = query.unflatten(1, (Hkv, rep)).transpose(2, 3)
         if query.dtype == f32:
-            torch.mul(q_src, scale, out=q)
+            torch.mul(q_src, scale, out=w.q)
         else:
-            q.copy_(q_src).mul_(scale)
-        q = q.view(B, Hkv, N, dh)
-        k = _buffer(store, "k", (B, Hkv, T, dh), f32, dev)
-        k.copy_(key)  # the model passes transposed views: one copy, not one per block
-        v = _buffer(store, "v", (B, Hkv, T, dh), f32, dev)
-        v.copy_(value)
-        o = _buffer(store, "o", (B, Hkv, N, dh), f32, dev)  # E @ v, divided by den at the end
-        mx = _buffer(store, "m", (B, Hkv, N), f32, dev)  # the row maximum m
-        inv = _buffer(store, "inv", (B, Hkv, N), f32, dev)  # 1 / den
-        plans = [_plan(n, chunk, window, rep) for n in lengths]
-        s_buf = _buffer(
-            store, "scores", (max(rep * (stop - start) * (stop - lo) for plan, _ in plans for start, stop, lo in plan),),
-            f32, dev,
-        )
-        sink = None
-        if s_aux is not None:
-            sink = s_aux.detach().to(f32).reshape(Hkv, rep)
+            w.q.copy_(q_src).mul_(scale)
+        w.k.copy_(key)  # the model passes transposed views: one copy, not one per block
+        w.v.copy_(value)
+        sink = None if s_aux is None else s_aux.detach().to(f32).reshape(Hkv, rep)
         if record:
-            top = _buffer(store, "top", (B, Hkv, N), f32, dev)  # the largest non-diagonal logit
-            idx = _buffer(store, "idx", (B, Hkv, N), torch.long, dev)  # its key, from the block's lo
-            mass = _buffer(store, "mass", (B, Hkv, N), f32, dev) if sink is not None else None
-            col_sum = torch.zeros(B, H, T, dtype=torch.float64, device=dev)
-            on_cpu = dev.type == "cpu"
-            w = torch.zeros(rep, rep * max(stop - start for plan, _ in plans for start, stop, lo in plan), device=dev)
-        masks = {k: t.to(dev) for k, t in _mask_tables(max(stop - start for plan, _ in plans for start, stop, lo in plan)).items()}
-        for b, (plan, _) in enumerate(plans):
-            n = lengths[b]
+            w.col_sum.zero_()
+        for b, n in enumerate(lengths):
             if n < T:  # padding queries (after the real tokens): output 0, in no sum
-                o[b, :, n * rep:].zero_()
-                inv[b, :, n * rep:].zero_()
-            for g in range(Hkv):
-                qg, kg, vg, og, mg, ig = q[b, g], k[b, g], v[b, g], o[b, g], mx[b, g], inv[b, g]
+                w.o[b, :, n * rep:].zero_()
+                w.inv[b, :, n * rep:].zero_()
+        for bg, views in enumerate(w.blocks):
+            sg = None if sink is None else sink[bg % Hkv]
+            for qv, kt, vv, ov, s, square, win, m, m2, mcol, den, den2, mass, rv in views:
+                torch.mm(qv, kt, out=s)
+                if softcap:
+                    s.div_(softcap).tanh_().mul_(softcap)
+                sq, neg, floor, keep = square
                 if record:
-                    tg, xg = top[b, g], idx[b, g]
-                    xg_np = xg.numpy() if on_cpu else None
-                    cg = col_sum[b, g * rep:(g + 1) * rep]
-                sg = None if sink is None else sink[g]
-                for start, stop, lo in plan:
-                    R, K = stop - start, stop - lo
-                    r0, r1 = start * rep, stop * rep
-                    s = s_buf[: rep * R * K].view(rep * R, K)
-                    torch.mm(qg[r0:r1], kg[lo:stop].t(), out=s)
-                    if softcap:
-                        s.div_(softcap).tanh_().mul_(softcap)
-                    s3 = s.view(R, rep, K)
-                    m = mg[r0:r1]
-                    if record:  # the diagonal (query t, key t), kept in m while it is masked
-                        diag = s.as_strided((R, rep), (rep * K + 1, K), s.storage_offset() + K - R)
-                        m.view(R, rep).copy_(diag)
-                    # only the block's last R keys (the diagonal square) and, under a window, its
-                    # first R keys can be masked for some query of the block
-                    sq = s3[:, :, K - R:]
-                    sq.add_(masks["causal_diag_neg" if record else "causal_neg"][:R, None, :R])
-                    c = window - (start - lo) if window else R
-                    if c < R:  # the first R keys: query i sees key j when i - j < c
-                        wq = s3[:, :, :R]
-                        wcols = slice(c - 1, c - 1 + R)
-                        wq.add_(masks["win_neg"][:R, None, wcols])
-                    if record:
-                        t, x = tg[r0:r1], xg[r0:r1]
-                        if on_cpu:  # NumPy's argmax: ~10x torch's max-with-indices, ties to the first
-                            np.argmax(s.numpy(), axis=1, out=xg_np[r0:r1])
-                        else:
-                            torch.argmax(s, dim=1, out=x)
-                        torch.gather(s, 1, x[:, None], out=t[:, None])
-                        diag.copy_(m.view(R, rep))
-                        torch.maximum(t, m, out=m)  # the row maximum (the diagonal is always visible)
+                    diag, s_np, x, x_np, t, tcol, xcol, wdiag, wv, cs = rv
+                    m2.copy_(diag)  # the diagonal (query t, key t), kept in m while it is masked
+                sq.add_(neg)
+                if win is not None:
+                    win[0].add_(win[1])
+                if record:
+                    if s_np is not None:  # NumPy's argmax: ~10x torch's max-with-indices, ties to the first
+                        np.argmax(s_np, axis=1, out=x_np)
                     else:
-                        torch.amax(s, dim=1, out=m)
-                    if sg is not None:
-                        torch.maximum(m.view(R, rep), sg, out=m.view(R, rep))
-                    s.sub_(m[:, None])
-                    torch.maximum(sq, masks["causal_floor"][:R, None, :R], out=sq)
-                    if c < R:
-                        torch.maximum(wq, masks["win_floor"][:R, None, wcols], out=wq)
-                    s.exp_()  # E = exp(S - m), in place; then the masked entries set to 0
-                    sq.mul_(masks["causal_keep"][:R, None, :R])
-                    if c < R:
-                        wq.mul_(masks["win_keep"][:R, None, wcols])
-                    den = ig[r0:r1]
-                    torch.sum(s, dim=1, out=den)
-                    if sg is not None:
-                        if record:
-                            mass[b, g, r0:r1] = den
-                        den.view(R, rep).add_(torch.exp(sg - m.view(R, rep)))
-                    den.reciprocal_()
-                    torch.mm(s, vg[lo:stop], out=og[r0:r1])
-                    if record:
-                        # column sums of A = E / den per head: w @ E with w (rep, R * rep) holding
-                        # 1 / den of head r's rows in its row r, zeros elsewhere
-                        w.as_strided((R, rep), (rep, w.shape[1] + 1)).copy_(den.view(R, rep))
-                        cg[:, lo:stop] += torch.mm(w[:, : R * rep], s)
+                        torch.argmax(s, dim=1, out=x)
+                    torch.gather(s, 1, xcol, out=tcol)
+                    diag.copy_(m2)
+                    torch.maximum(t, m, out=m)  # the row maximum (the diagonal is always visible)
+                else:
+                    torch.amax(s, dim=1, out=m)
+                if sg is not None:
+                    torch.maximum(m2, sg, out=m2)
+                s.sub_(mcol)
+                torch.maximum(sq, floor, out=sq)
+                if win is not None:
+                    torch.maximum(win[0], win[2], out=win[0])
+                s.exp_()  # E = exp(S - m), in place; then the masked entries set to 0
+                sq.mul_(keep)
+                if win is not None:
+                    win[0].mul_(win[3])
+                torch.sum(s, dim=1, out=den)
+                if sg is not None:
+                    mass.copy_(den)
+                    den2.add_(torch.exp(sg - m2))
+                den.reciprocal_()
+                torch.mm(s, vv, out=ov)
+                if record:  # column sums of A = E / den per head
+                    wdiag.copy_(den2)
+                    cs.add_(torch.mm(wv, s))
         # the outputs E @ v / den, in the model's (B, T, H, dh) layout
         out = torch.empty(B, T, H, dh, dtype=f32, device=dev)
         torch.mul(
-            o.view(B, Hkv, T, rep, dh).transpose(1, 2), inv.view(B, Hkv, T, rep, 1).transpose(1, 2),
+            w.o.view(B, Hkv, T, rep, dh).transpose(1, 2), w.inv.view(B, Hkv, T, rep, 1).transpose(1, 2),
             out=out.view(B, T, Hkv, rep, dh),
         )
         if record:
-            rec.out[layer] = _finish_layer(B, H, T, rep, window, lengths, plans, col_sum, top, idx, mx, inv, mass)
+            rec.out[layer] = _finish_layer(w, B, H, T, rep, window, lengths, sink is not None)
     return out.to(dtype), None
 
 
-def _finish_layer(B, H, T, rep, window, lengths, plans, col_sum, top, idx, mx, inv, mass) -> LayerCensus:
+def _finish_layer(w: _Work, B, H, T, rep, window, lengths, sinks: bool) -> LayerCensus:
     """The layer's LayerCensus from the per-row block results (B, Hkv, T * rep, time-major)."""
-    val = (top - mx).exp_().mul_(inv)  # A at the top key
-    key = idx.clone()
-    for b, (plan, lo_rows) in enumerate(plans):
+    val = (w.top - w.m).exp_().mul_(w.inv)  # A at the top key
+    key = w.idx.clone()
+    for b, (plan, lo_rows) in enumerate(w.plans):
         key[b, :, : len(lo_rows)] += lo_rows.to(key.device)
     key.masked_fill_(val <= 0, 0)  # nothing positive but the diagonal: the first maximum (0) is key 0
 
@@ -335,10 +357,10 @@ def _finish_layer(B, H, T, rep, window, lengths, plans, col_sum, top, idx, mx, i
     top_key, top_value = heads(key), heads(val).double()
     top_key[:, :, 0] = -1
     top_value[:, :, 0] = 0.0
-    if mass is None:  # without sink logits every row sums to 1
-        row_sum = torch.ones(B, H, T, dtype=torch.float64, device=col_sum.device)
-    else:
-        row_sum = heads(mass * inv).double()
+    if sinks:
+        row_sum = heads(w.mass * w.inv).double()
+    else:  # without sink logits every row sums to 1
+        row_sum = torch.ones(B, H, T, dtype=torch.float64, device=key.device)
     n_visible = torch.zeros(B, T, dtype=torch.long)
     for b, n in enumerate(lengths):
         counts = torch.arange(n, 0, -1)
@@ -347,7 +369,7 @@ def _finish_layer(B, H, T, rep, window, lengths, plans, col_sum, top, idx, mx, i
             top_key[b, :, n:] = -1
             top_value[b, :, n:] = 0.0
             row_sum[b, :, n:] = 0.0
-    return LayerCensus(col_sum, n_visible, row_sum, top_key, top_value)
+    return LayerCensus(w.col_sum.clone(), n_visible, row_sum, top_key, top_value)
 
 
 @contextlib.contextmanager
