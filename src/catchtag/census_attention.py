@@ -71,15 +71,42 @@ class LayerCensus:
 
 
 class _Recorder:
-    def __init__(self, layers: set[int] | None, lengths: Sequence[int], chunk: int):
+    def __init__(self, layers: set[int] | None, lengths: Sequence[int], chunk: int, n_layers: int | None = None):
         self.layers = layers
         self.lengths = list(lengths)
         self.chunk = chunk
         self.out: dict[int, LayerCensus] = {}
         self.work: dict[tuple, _Work] = {}  # working memory of each layer geometry, for the forward
+        # the recorded layers, when known in advance: their results share one allocation (`result`)
+        self.slots = sorted(layers) if layers is not None else (list(range(n_layers)) if n_layers else None)
+        self._results: LayerCensus | None = None
 
     def wants(self, layer) -> bool:
         return layer is not None and (self.layers is None or layer in self.layers)
+
+    def result(self, layer: int, B: int, H: int, T: int, device) -> LayerCensus:
+        """Where the layer's LayerCensus is written: (B, H, T) views of (L, B, H, T) tensors
+        allocated once, at the first recorded layer, when the recorded layers are known (the
+        forward's many layers then leave no small long-lived blocks between the C allocator's
+        transient ones: a fragmented heap holds its freed memory, and the peak resident memory
+        grows); otherwise tensors of its own."""
+        f64 = torch.float64
+        if self.slots is None or layer not in self.slots:
+            return LayerCensus(
+                torch.zeros(B, H, T, dtype=f64, device=device), torch.zeros(B, T, dtype=torch.long),
+                torch.empty(B, H, T, dtype=f64, device=device), torch.empty(B, H, T, dtype=torch.long, device=device),
+                torch.empty(B, H, T, dtype=f64, device=device),
+            )
+        if self._results is None:
+            L = len(self.slots)
+            self._results = LayerCensus(
+                torch.zeros(L, B, H, T, dtype=f64, device=device), torch.zeros(L, B, T, dtype=torch.long),
+                torch.empty(L, B, H, T, dtype=f64, device=device),
+                torch.empty(L, B, H, T, dtype=torch.long, device=device),
+                torch.empty(L, B, H, T, dtype=f64, device=device),
+            )
+        i = self.slots.index(layer)
+        return LayerCensus(*(getattr(self._results, f.name)[i] for f in dataclasses.fields(LayerCensus)))
 
 
 _ACTIVE: _Recorder | None = None
@@ -160,6 +187,14 @@ class _Work:
             self.col_sum = torch.zeros(B, Hkv * rep, T, dtype=torch.float64, device=dev)
             # 1 / den of head r's rows of a block in row r, zeros elsewhere: column sums w @ E
             self.w = torch.zeros(rep, rep * rmax, dtype=f32, device=dev)
+            self.val = torch.empty(B, Hkv, N, dtype=f32, device=dev)  # A at the top key
+            self.key = torch.empty(B, Hkv, N, dtype=torch.long, device=dev)
+            self.lo_rows = torch.zeros(B, 1, N, dtype=torch.long, device=dev)  # each row's block's lo
+            self.n_visible = torch.zeros(B, T, dtype=torch.long)
+            for b, (n, (_, lo_rows)) in enumerate(zip(lengths, self.plans)):
+                self.lo_rows[b, 0, : len(lo_rows)] = lo_rows
+                counts = torch.arange(n, 0, -1)
+                self.n_visible[b, :n] = counts.clamp_max(window) if window else counts
         on_cpu = dev.type == "cpu"
         qrows = self.q.view(B, Hkv, N, dh)
         self.blocks = []  # per (b, g): the blocks' views
@@ -339,48 +374,49 @@ def census_attention_forward(
             out=out.view(B, T, Hkv, rep, dh),
         )
         if record:
-            rec.out[layer] = _finish_layer(w, B, H, T, rep, window, lengths, sink is not None)
+            res = rec.result(layer, B, H, T, dev)
+            rec.out[layer] = _finish_layer(w, res, B, T, rep, lengths, sink is not None)
     return out.to(dtype), None
 
 
-def _finish_layer(w: _Work, B, H, T, rep, window, lengths, sinks: bool) -> LayerCensus:
-    """The layer's LayerCensus from the per-row block results (B, Hkv, T * rep, time-major)."""
-    val = (w.top - w.m).exp_().mul_(w.inv)  # A at the top key
-    key = w.idx.clone()
-    for b, (plan, lo_rows) in enumerate(w.plans):
-        key[b, :, : len(lo_rows)] += lo_rows.to(key.device)
-    key.masked_fill_(val <= 0, 0)  # nothing positive but the diagonal: the first maximum (0) is key 0
+def _finish_layer(w: _Work, res: LayerCensus, B, T, rep, lengths, sinks: bool) -> LayerCensus:
+    """Write the layer's census into `res` ((B, H, T) tensors) from the per-row block results
+    (B, Hkv, T * rep, time-major rows)."""
+    torch.sub(w.top, w.m, out=w.val).exp_().mul_(w.inv)  # A at the top key
+    torch.add(w.idx, w.lo_rows, out=w.key)
+    w.key.masked_fill_(w.val <= 0, 0)  # nothing positive but the diagonal: the first maximum (0) is key 0
 
-    def heads(x):  # (B, Hkv, T * rep) -> (B, H, T)
-        return x.view(B, -1, T, rep).transpose(2, 3).reshape(B, H, T)
+    def heads(dst, src):  # (B, Hkv, T * rep) -> (B, H, T)
+        dst.view(B, -1, rep, T).copy_(src.view(B, -1, T, rep).transpose(2, 3))
 
-    top_key, top_value = heads(key), heads(val).double()
-    top_key[:, :, 0] = -1
-    top_value[:, :, 0] = 0.0
+    heads(res.top_key, w.key)
+    heads(res.top_value, w.val)
+    res.top_key[:, :, 0] = -1
+    res.top_value[:, :, 0] = 0.0
     if sinks:
-        row_sum = heads(w.mass * w.inv).double()
+        heads(res.row_sum, w.mass.mul_(w.inv))
     else:  # without sink logits every row sums to 1
-        row_sum = torch.ones(B, H, T, dtype=torch.float64, device=key.device)
-    n_visible = torch.zeros(B, T, dtype=torch.long)
+        res.row_sum.fill_(1.0)
+    res.col_sum.copy_(w.col_sum)
+    res.n_visible.copy_(w.n_visible)
     for b, n in enumerate(lengths):
-        counts = torch.arange(n, 0, -1)
-        n_visible[b, :n] = counts.clamp_max(window) if window else counts
         if n < T:
-            top_key[b, :, n:] = -1
-            top_value[b, :, n:] = 0.0
-            row_sum[b, :, n:] = 0.0
-    return LayerCensus(w.col_sum.clone(), n_visible, row_sum, top_key, top_value)
+            res.top_key[b, :, n:] = -1
+            res.top_value[b, :, n:] = 0.0
+            res.row_sum[b, :, n:] = 0.0
+    return res
 
 
 @contextlib.contextmanager
-def recording(layers: set[int] | None, lengths: Sequence[int], chunk: int = DEFAULT_CHUNK):
+def recording(layers: set[int] | None, lengths: Sequence[int], chunk: int = DEFAULT_CHUNK,
+              n_layers: int | None = None):
     """While active, `census_attention_forward` records the census sums of the layers in `layers`
-    (None: all) into the yielded recorder's `out` {layer: LayerCensus}; `lengths`: each batch row's
-    real length (right padding after it)."""
+    (None: all `n_layers`, when given) into the yielded recorder's `out` {layer: LayerCensus};
+    `lengths`: each batch row's real length (right padding after it)."""
     global _ACTIVE
     if _ACTIVE is not None:
         raise CatchtagError("a census forward is already running (it is not re-entrant)")
-    _ACTIVE = _Recorder(layers, lengths, _check_chunk(chunk))
+    _ACTIVE = _Recorder(layers, lengths, _check_chunk(chunk), n_layers)
     try:
         yield _ACTIVE
     finally:
@@ -425,7 +461,7 @@ def census_raw(
         batch[b, : len(x)] = x
     wanted = None if layers is None else set(int(l) for l in layers)
     previous = hf.config._attn_implementation
-    with recording(wanted, lengths, chunk) as rec:
+    with recording(wanted, lengths, chunk, getattr(model, "n_layers", None)) as rec:
         try:
             hf.set_attn_implementation(NAME)
             with torch.no_grad():
