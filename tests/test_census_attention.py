@@ -217,3 +217,5 @@ def test_census_blocks_under_the_logit_budget_share_the_working_memory(monkeypat
                 assert torch.allclose(lc.top_value[b, :, :n], ref.top_value, atol=1e-6)
                 assert (lc.top_key[b, :, n:] == -1).all() and not lc.col_sum[b, :, n:].any()
         assert len(rec.work) == 2  # one working memory per geometry, reused
+        first, second = rec.work.values()
+        assert first.q is second.q and first.o is second.o  # the geometries share q, k, v, outputs

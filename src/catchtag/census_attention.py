@@ -96,6 +96,7 @@ class _Recorder:
         self.chunk = chunk
         self.out: dict[int, LayerCensus] = {}
         self.work: dict[tuple, _Work] = {}  # working memory of each layer geometry, for the forward
+        self.shared: dict[tuple, dict] = {}  # q, k, v, outputs, row statistics: one set per shape
         # the recorded layers, when known in advance: their results share one allocation (`result`)
         self.slots = sorted(layers) if layers is not None else (list(range(n_layers)) if n_layers else None)
         self._results: LayerCensus | None = None
@@ -193,29 +194,36 @@ class _Work:
     rep = H / Hkv query heads that read kv head g), so a block of R queries of one kv head is one
     contiguous (R * rep, dh) matrix, and its outputs and row statistics contiguous slices too."""
 
-    def __init__(self, B, Hkv, rep, T, dh, lengths, chunk, window, record, dev):
+    def __init__(self, B, Hkv, rep, T, dh, lengths, chunk, window, record, dev, shared: dict | None = None):
         f32 = torch.float32
         N = T * rep
-        self.q = torch.empty(B, Hkv, T, rep, dh, dtype=f32, device=dev)
-        self.k = torch.empty(B, Hkv, T, dh, dtype=f32, device=dev)
-        self.v = torch.empty(B, Hkv, T, dh, dtype=f32, device=dev)
-        self.o = torch.empty(B, Hkv, N, dh, dtype=f32, device=dev)  # E @ v, divided by den at the end
-        self.m = torch.empty(B, Hkv, N, dtype=f32, device=dev)  # the row maximum m
-        self.inv = torch.empty(B, Hkv, N, dtype=f32, device=dev)  # 1 / den (den: E's row sum [+ sink])
-        self.mass = torch.empty(B, Hkv, N, dtype=f32, device=dev)  # E's row sum (sink logits only)
+        shared = {} if shared is None else shared  # tensors shared with the other geometries of the shape
+
+        def tensor(name, shape, dtype=f32):
+            if name not in shared:
+                shared[name] = torch.empty(shape, dtype=dtype, device=dev)
+            return shared[name]
+
+        self.q = tensor("q", (B, Hkv, T, rep, dh))
+        self.k = tensor("k", (B, Hkv, T, dh))
+        self.v = tensor("v", (B, Hkv, T, dh))
+        self.o = tensor("o", (B, Hkv, N, dh))  # E @ v, divided by den at the end
+        self.m = tensor("m", (B, Hkv, N))  # the row maximum m
+        self.inv = tensor("inv", (B, Hkv, N))  # 1 / den (den: E's row sum [+ sink])
+        self.mass = tensor("mass", (B, Hkv, N))  # E's row sum (sink logits only)
         self.plans = [_plan(n, chunk, window, rep) for n in lengths]
         geometry = [(stop - start, stop - lo) for plan, _ in self.plans for start, stop, lo in plan]
         rmax = max(R for R, _ in geometry)
         self.s_buf = torch.empty(max(rep * R * K for R, K in geometry), dtype=f32, device=dev)
         masks = {k: t.to(dev) for k, t in _mask_tables(rmax).items()}
         if record:
-            self.top = torch.empty(B, Hkv, N, dtype=f32, device=dev)  # the largest non-diagonal logit
-            self.idx = torch.empty(B, Hkv, N, dtype=torch.long, device=dev)  # its key, from the block's lo
-            self.col_sum = torch.zeros(B, Hkv * rep, T, dtype=torch.float64, device=dev)
+            self.top = tensor("top", (B, Hkv, N))  # the largest non-diagonal logit
+            self.idx = tensor("idx", (B, Hkv, N), torch.long)  # its key, from the block's lo
+            self.col_sum = tensor("col_sum", (B, Hkv * rep, T), torch.float64)  # zeroed per layer
             # 1 / den of head r's rows of a block in row r, zeros elsewhere: column sums w @ E
             self.w = torch.zeros(rep, rep * rmax, dtype=f32, device=dev)
-            self.val = torch.empty(B, Hkv, N, dtype=f32, device=dev)  # A at the top key
-            self.key = torch.empty(B, Hkv, N, dtype=torch.long, device=dev)
+            self.val = tensor("val", (B, Hkv, N))  # A at the top key
+            self.key = tensor("key", (B, Hkv, N), torch.long)
             self.lo_rows = torch.zeros(B, 1, N, dtype=torch.long, device=dev)  # each row's block's lo
             self.n_visible = torch.zeros(B, T, dtype=torch.long)
             for b, (n, (_, lo_rows)) in enumerate(zip(lengths, self.plans)):
@@ -268,9 +276,11 @@ class _Work:
 def _work(rec, B, Hkv, rep, T, dh, lengths, chunk, window, record, dev) -> _Work:
     if rec is None:
         return _Work(B, Hkv, rep, T, dh, lengths, chunk, window, record, dev)
-    key = (B, Hkv, rep, T, dh, chunk, window, record, str(dev))
+    shape = (B, Hkv, rep, T, dh, str(dev))
+    key = shape + (chunk, window, record)
     if key not in rec.work:
-        rec.work[key] = _Work(B, Hkv, rep, T, dh, lengths, chunk, window, record, dev)
+        rec.work[key] = _Work(B, Hkv, rep, T, dh, lengths, chunk, window, record, dev,
+                              rec.shared.setdefault(shape, {}))
     return rec.work[key]
 
 
