@@ -28,18 +28,17 @@ dropped, so rows sum to less than 1, as in `catchtag.capture.attention_probs`); 
 Nothing else is kept: no T x T map, and q, k, v only as the layer's working copies (float32, rows
 in the block order), reused by every layer of the forward with the block's logits (`_Work`).
 
-Cost (CPU, measured with `time.process_time` on SmolLM2-135M, one thread): the two matrix products
-per block (Q K^T and E V, as in sdpa's fused kernel) are most of the time; the census adds one
-argmax pass (NumPy's: ~10x torch's max-with-indices), exp and the row sum as separate passes over
-the block, and a (rep, rows) @ (rows, keys) product for the column sums. What made the difference
-against the previous version (1.3x the sdpa forward at T = 2048, 1.63-1.75x at 8192; see
-README): (1) torch's CPU exp of -inf (the masked upper triangle) is ~20x slower than of a finite
-number, so masks are added as 0/-inf tables before the argmax, the masked entries of S - m are
-raised to 0 before exp and zeroed after it; (2) blocks per kv head, sized to the cache, whose
-working memory and views are built once per forward (no allocation, no slicing per block: fresh
-pages for every block cost page faults); (3) 64 queries per block rather than 256 (less wasted
-upper triangle; the matrix products stay efficient). Still a separate pass per operation: each
-costs ~0.1-0.4 ns per logit, against ~1.2 ns for each matrix product.
+Cost (CPU time, SmolLM2-135M, one thread; README's performance section has the figures): the two
+matrix products per block (Q K^T and E V, as in sdpa's fused kernel) are most of a recorded layer
+(with the column sums' product, ~70% in a torch profile at T = 2048 and 8192); the census adds an argmax pass (NumPy's: ~10x torch's max-with-indices), S - m, exp and the row
+sum as separate passes over the block (~0.1-0.4 ns per logit each, against ~1.2 ns for each
+matrix product), and a (rep, rows) @ (rows, keys) product for the column sums. The changes from the
+previous version (1.36x the sdpa decoder forward at T = 2048, 1.63-1.75x at 8192): torch's CPU exp
+of -inf (the masked upper triangle) costs ~20x that of a finite number, so masks are added as 0/-inf
+tables before the argmax and the masked entries of S - m raised to 0 before exp and zeroed after
+it; blocks per kv head whose working memory and views are built once per forward (no allocation
+and no slicing per block: fresh pages for every block cost page faults); 64 queries a block rather
+than 256 (less wasted upper triangle); the results of all layers in one allocation (peak memory).
 
 Layers whose census is not wanted run PyTorch's sdpa kernel where it applies. Grouped-query and
 multi-query attention run on the kv heads directly (query head h reads kv head h // (H / Hkv), as
