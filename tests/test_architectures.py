@@ -183,3 +183,25 @@ def test_visible_queries_of_a_mask_from_the_model(tiny):
     T = cap.n_tokens
     counts = visible_queries(T, ai.sliding_window, ai.mask)
     assert counts.tolist() == torch.arange(T, 0, -1).double().clamp_max(WINDOW).tolist()
+
+
+@pytest.mark.parametrize("chunk", [5, 256])
+def test_census_forward_equals_capture_path(tiny, chunk):
+    """The census inside the forward (softcap, sliding window, sink logits, GQA, in blocks of a few
+    queries whose window cuts the first keys, or one block) against the capture path, and one
+    layer alone (the other running the model's own attention) against all layers."""
+    from catchtag.census_attention import census_forward
+
+    kind, _, model = tiny
+    ref = sink_stats(capture(model, TEXT, resid=False, progress=False)[0], min_queries=0)
+    st = census_forward(model, TEXT, min_queries=0, chunk=chunk)
+    assert st.tokens == ref.tokens and len(st.tokens) > 3 * WINDOW
+    assert torch.equal(torch.isnan(st.received), torch.isnan(ref.received))
+    assert (st.received.nan_to_num() - ref.received.nan_to_num()).abs().max() <= 1e-6
+    assert (st.row_sum - ref.row_sum).abs().max() <= 1e-5
+    assert torch.equal(st.top_key, ref.top_key)
+    assert (st.top_value - ref.top_value).abs().max() <= 1e-5
+    if kind == "gptoss":
+        assert float(st.row_sum.max()) < 1 - 1e-3
+    one = census_forward(model, TEXT, layers=[1], min_queries=0, chunk=chunk)
+    assert (one.received[0].nan_to_num() - st.received[1].nan_to_num()).abs().max() <= 1e-6

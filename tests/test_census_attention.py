@@ -175,3 +175,47 @@ def test_census_ties_go_to_the_first_key_and_unrecorded_layers_run_sdpa():
     assert torch.allclose(rec.out[0].top_value[0], ref.top_value, atol=1e-6)
     plain, _ = census_attention_forward(types.SimpleNamespace(layer_idx=1), q, k, v, None, scaling=0.5)
     assert torch.allclose(plain, out, atol=1e-6)  # layer 1 is not recorded: sdpa, same output
+
+
+@pytest.mark.parametrize("heads", [(6, 2), (4, 1), (3, 3)])
+def test_census_blocks_under_the_logit_budget_share_the_working_memory(monkeypatch, heads):
+    # Blocks cut by the logit budget (a few queries of the rep heads of one kv head each, fewer as
+    # the keys grow) with grouped-query, multi-query and plain attention, a sliding window, sink
+    # logits and padding; two layers of different geometry (window, no window) recorded in one
+    # forward reuse the same working memory, and each equals the streaming statistics.
+    from catchtag import census_attention as ca
+
+    H, Hkv = heads
+    monkeypatch.setattr(ca, "BLOCK_LOGITS", 400 * (H // Hkv))  # 16, then 12, 9, ... queries a block
+    monkeypatch.setattr(ca, "MIN_BLOCK_ROWS", 2)
+    B, T, lengths = 2, 37, [37, 23]
+    plan, _ = ca._plan(T, 16, None, H // Hkv)
+    assert len({stop - start for start, stop, _ in plan}) > 2  # block sizes change along the prompt
+    q, k, v = _case(7, B, H, Hkv, T)
+    sink_logits = torch.linspace(-1.0, 1.5, H)
+    with recording({0, 1}, lengths, 16) as rec:
+        for layer, window, sinks in [(0, 6, sink_logits), (1, None, None), (0, 6, sink_logits)]:
+            out, _ = census_attention_forward(
+                types.SimpleNamespace(layer_idx=layer), q, k, v, None, scaling=0.4,
+                sliding_window=window, s_aux=sinks,
+            )
+            lc = rec.out[layer]
+            for b, n in enumerate(lengths):
+                ai = AttnInputs(
+                    q=q[b, :, :n], k=repeat_kv(k[b, :, :n], H), v=repeat_kv(v[b, :, :n], H), mask=None,
+                    scaling=0.4, sliding_window=window, sink_logits=sinks,
+                )
+                assert torch.allclose(out[b, :n].transpose(0, 1), attention_probs(ai) @ ai.v, atol=1e-6)
+                assert not out[b, n:].any()  # padding queries: output 0
+                ref = stats_streaming(ai, min_queries=0)
+                visible = torch.arange(n, 0, -1)
+                if window:
+                    visible = visible.clamp_max(window)
+                assert torch.allclose(lc.col_sum[b, :, :n] / visible, ref.alpha, atol=1e-6)
+                assert torch.allclose(lc.row_sum[b, :, :n], ref.row_sum, atol=1e-6)
+                assert torch.equal(lc.top_key[b, :, :n], ref.top_key)
+                assert torch.allclose(lc.top_value[b, :, :n], ref.top_value, atol=1e-6)
+                assert (lc.top_key[b, :, n:] == -1).all() and not lc.col_sum[b, :, n:].any()
+        assert len(rec.work) == 2  # one working memory per geometry, reused
+        first, second = rec.work.values()
+        assert first.q is second.q and first.o is second.o  # the geometries share q, k, v, outputs

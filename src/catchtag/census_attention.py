@@ -2,14 +2,15 @@
 block by block and, in the same pass, what the census needs.
 
 `census_forward(model, text)` runs the model once with `NAME` ("catchtag_census") as its attention
-implementation (registered with transformers' `AttentionInterface`). For every recorded layer and
-every block of at most `chunk` queries (fewer for long prompts, so that a block's logits stay in the
-core's cache: `BLOCK_LOGITS`) the function computes the masked logits S (softcap, causal mask,
-sliding window), the row's largest logit other than the diagonal and its key, the row maximum m,
-E = exp(S - m) in place and the softmax normaliser den = sum E (learned sink logits `s_aux` add
-exp(sink - m) to den and are dropped, so rows sum to less than 1, as in
-`catchtag.capture.attention_probs`); the block's output is (E @ v) / den, and the probabilities
-A = E / den enter the sums below without being formed:
+implementation (registered with transformers' `AttentionInterface`). A recorded layer runs the
+queries of each kv head block by block: a block is at most `chunk` queries (default 64) of the rep =
+H / Hkv query heads that read that kv head, time-major (`_Work`), and at most `BLOCK_LOGITS` logits
+(2^19: 2 MiB, one core's L2 cache here), so long prompts run fewer queries per block. For each
+block the function computes the masked logits S (softcap, causal mask, sliding window), the row's
+largest logit other than the diagonal and its key, the row maximum m, E = exp(S - m) in place and
+the softmax normaliser den = sum E (learned sink logits `s_aux` add exp(sink - m) to den and are
+dropped, so rows sum to less than 1, as in `catchtag.capture.attention_probs`); the output is
+(E @ v) / den, and the probabilities A = E / den enter the sums below without being formed:
 
 - `col_sum` (H, T): sum over the queries that can see key k of A_ik (float32 within a block,
   float64 across blocks, as `sinks.stats_streaming`);
@@ -24,18 +25,33 @@ A = E / den enter the sums below without being formed:
   probabilities, where the capture path takes the first of them: such near-ties are the only
   possible difference (tests/test_census_attention.py counts them, < 1e-4 of rows).
 
-Nothing else is kept: no q, k, v, no T x T map (memory at most `BLOCK_LOGITS` or heads x chunk x
-keys logits per block). Layers whose census is not wanted run PyTorch's sdpa kernel where it
-applies. Grouped-query and
+Nothing else is kept: no T x T map, and q, k, v only as the layer's working copies (float32, rows
+in the block order), reused by every layer of the forward with the block's logits (`_Work`).
+
+Cost (CPU time, SmolLM2-135M, one thread; README's performance section has the figures): the two
+matrix products per block (Q K^T and E V, as in sdpa's fused kernel) are most of a recorded layer
+(with the column sums' product, ~70% in a torch profile at T = 2048 and 8192); the census adds an argmax pass (NumPy's: ~10x torch's max-with-indices), S - m, exp and the row
+sum as separate passes over the block (~0.1-0.4 ns per logit each, against ~1.2 ns for each
+matrix product), and a (rep, rows) @ (rows, keys) product for the column sums. The changes from the
+previous version (1.36x the sdpa decoder forward at T = 2048, 1.63-1.75x at 8192): torch's CPU exp
+of -inf (the masked upper triangle) costs ~20x that of a finite number, so masks are added as 0/-inf
+tables before the argmax and the masked entries of S - m raised to 0 before exp and zeroed after
+it; blocks per kv head whose working memory and views are built once per forward (no allocation
+and no slicing per block: fresh pages for every block cost page faults); 64 queries a block rather
+than 256 (less wasted upper triangle); the results of all layers in one allocation (peak memory).
+
+Layers whose census is not wanted run PyTorch's sdpa kernel where it applies. Grouped-query and
 multi-query attention run on the kv heads directly (query head h reads kv head h // (H / Hkv), as
 `repeat_kv` does), without repeating keys or values. The nnsight capture path (`capture` +
 `sinks.sink_stats`) computes the same statistics from the saved attention inputs; it is what runs on
-NDIF and the cross-check (tests/test_census_attention.py: the two agree to 1e-6 in alpha).
+NDIF and the cross-check (tests/test_census_attention.py, tests/test_architectures.py: the two agree
+to 1e-6 in alpha, on both offline models and tiny Gemma-2, gpt-oss and Mistral models).
 
 Only prefill without a cache is supported (the census is one forward over whole prompts). Because the
 registered name has no mask function in transformers' mask registry, the model passes no mask and
 this function applies the causal mask and the layer's `sliding_window` itself; batches are padded on
-the right, so no real token ever sees a padding token, and padding queries are left out of the sums.
+the right, so no real token ever sees a padding token; padding queries are not computed (their
+output is 0) and are in no sum.
 """
 
 from __future__ import annotations
@@ -45,22 +61,25 @@ import dataclasses
 import functools
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from .errors import CatchtagError
 
 NAME = "catchtag_census"
-DEFAULT_CHUNK = 256
-# At most this many logits (batch x heads x queries x keys) per block: a block whose logits stay in
-# the core's cache is several times faster per logit (matmul output, exp, sums) than one that does
-# not, so long prompts run fewer than `chunk` queries per block (at least MIN_BLOCK_ROWS).
+DEFAULT_CHUNK = 64
+# At most this many logits (queries x keys, over the query heads of one kv head) per block (2 MiB of
+# float32: one core's L2 cache here), and at least MIN_BLOCK_ROWS queries: long prompts run fewer
+# than `chunk` queries per block. Measured at T = 8192 (SmolLM2, one layer, CPU time): 2^19 ~5%
+# faster than 2^20 and 2^21, ~7% faster than 2^18 (too few rows per matrix product).
 BLOCK_LOGITS = 1 << 19
-MIN_BLOCK_ROWS = 32
+MIN_BLOCK_ROWS = 8
 
 
 @dataclasses.dataclass
 class LayerCensus:
-    """Raw census sums of one layer for a batch: tensors (B, H, T), `n_visible` (B, T)."""
+    """Raw census sums of one layer for a batch: tensors (B, H, T), `n_visible` (B, T). Padding
+    queries (after a row's length) have no column sums, top_key -1, top_value 0 and row_sum 0."""
 
     col_sum: torch.Tensor  # float64
     n_visible: torch.Tensor  # long: queries (real, not padding) that can see key k
@@ -70,54 +89,198 @@ class LayerCensus:
 
 
 class _Recorder:
-    def __init__(self, layers: set[int] | None, lengths: Sequence[int], chunk: int):
+    def __init__(self, layers: set[int] | None, lengths: Sequence[int], chunk: int, n_layers: int | None = None):
         self.layers = layers
         self.lengths = list(lengths)
         self.chunk = chunk
         self.out: dict[int, LayerCensus] = {}
+        self.work: dict[tuple, _Work] = {}  # working memory of each layer geometry, for the forward
+        self.shared: dict[tuple, dict] = {}  # q, k, v, outputs, row statistics: one set per shape
+        # the recorded layers, when known in advance: their results share one allocation (`result`)
+        self.slots = sorted(layers) if layers is not None else (list(range(n_layers)) if n_layers else None)
+        self._results: LayerCensus | None = None
 
     def wants(self, layer) -> bool:
         return layer is not None and (self.layers is None or layer in self.layers)
+
+    def result(self, layer: int, B: int, H: int, T: int, device) -> LayerCensus:
+        """Where the layer's LayerCensus is written: (B, H, T) views of (L, B, H, T) tensors
+        allocated once, at the first recorded layer, when the recorded layers are known (the
+        forward's many layers then leave no small long-lived blocks between the C allocator's
+        transient ones: a fragmented heap holds its freed memory, and the peak resident memory
+        grows); otherwise tensors of its own."""
+        f64 = torch.float64
+        if self.slots is None or layer not in self.slots:
+            return LayerCensus(
+                torch.zeros(B, H, T, dtype=f64, device=device), torch.zeros(B, T, dtype=torch.long),
+                torch.empty(B, H, T, dtype=f64, device=device), torch.empty(B, H, T, dtype=torch.long, device=device),
+                torch.empty(B, H, T, dtype=f64, device=device),
+            )
+        if self._results is None:
+            L = len(self.slots)
+            self._results = LayerCensus(
+                torch.zeros(L, B, H, T, dtype=f64, device=device), torch.zeros(L, B, T, dtype=torch.long),
+                torch.empty(L, B, H, T, dtype=f64, device=device),
+                torch.empty(L, B, H, T, dtype=torch.long, device=device),
+                torch.empty(L, B, H, T, dtype=f64, device=device),
+            )
+        i = self.slots.index(layer)
+        return LayerCensus(*(getattr(self._results, f.name)[i] for f in dataclasses.fields(LayerCensus)))
 
 
 _ACTIVE: _Recorder | None = None
 
 
-@functools.lru_cache(maxsize=8)
-def _triu(size: int) -> torch.Tensor:
-    """(size, size) bool, True strictly above the diagonal (keys after the query: masked)."""
-    return torch.ones(size, size, dtype=torch.bool).triu(1)
+@functools.lru_cache(maxsize=2)
+def _mask_tables(n: int) -> dict[str, torch.Tensor]:
+    """Masks of a block of at most n queries, as tables to slice: for its diagonal square (query i,
+    key j of the last R keys) and, under a sliding window, its first R keys (a query sees key j
+    when i - j < c, for the block's c: `win` table column j + c - 1). `*_neg`: 0 or -inf, added
+    to the logits before the row maximum (`causal_diag_neg` masks the query itself too);
+    `*_floor`: -inf or 0, raising the masked entries of S - m to 0 (torch's exp of -inf is ~20x
+    slower than of a finite number, on the CPU); `*_keep`: 1 or 0, zeroing them again after exp."""
+    i = torch.arange(n)[:, None]
+    tables = {}
+    for name, masked in (
+        ("causal", torch.arange(n)[None, :] > i),
+        ("causal_diag", torch.arange(n)[None, :] >= i),
+        ("win", torch.arange(2 * n)[None, :] < i),
+    ):
+        tables[name + "_neg"] = torch.zeros(masked.shape).masked_fill_(masked, float("-inf"))
+        if name != "causal_diag":
+            tables[name + "_floor"] = torch.full(masked.shape, float("-inf")).masked_fill_(masked, 0.0)
+            tables[name + "_keep"] = (~masked).float()
+    return tables
 
 
-def _allowed(start: int, stop: int, lo: int, hi: int, window: int | None) -> torch.Tensor:
-    rows = torch.arange(start, stop)[:, None]
-    cols = torch.arange(lo, hi)[None, :]
-    ok = cols <= rows
-    if window:
-        ok &= rows - cols < window
-    return ok
-
-
-def _first_argmax(x: torch.Tensor) -> torch.Tensor:
-    """x.argmax(-1) with ties to the first index, as `torch.max` breaks them; on the CPU through
-    NumPy, whose vectorised argmax is about ten times faster than torch's max-with-indices kernel
-    (the census's costliest reduction otherwise). Same result: NaN (none occur) wins, as in torch."""
-    if x.device.type == "cpu" and x.is_contiguous():
-        return torch.from_numpy(x.numpy().argmax(axis=-1))
-    return x.max(dim=-1).indices
-
-
-def _blocks(T: int, chunk: int, window: int | None, heads: int):
+def _blocks(T: int, chunk: int, window: int | None, heads: int, budget: int | None = None,
+            min_rows: int | None = None):
     """(start, stop, lo): query blocks [start, stop) covering 0..T-1 and the first key lo that a
     query of the block can see (keys lo..stop-1 are computed). At most `chunk` queries a block,
-    fewer where the block's logits (heads x queries x keys) would pass BLOCK_LOGITS."""
+    fewer where the block's logits (`heads` rows per query: the query heads of one kv head, x
+    queries x keys) would pass `budget` (default BLOCK_LOGITS), but at least `min_rows` (default
+    MIN_BLOCK_ROWS)."""
+    budget = BLOCK_LOGITS if budget is None else budget
+    min_rows = MIN_BLOCK_ROWS if min_rows is None else min_rows
     start = 0
     while start < T:
         lo = max(0, start - window + 1) if window else 0
-        rows = BLOCK_LOGITS // (heads * (start + chunk - lo))
-        stop = min(start + min(chunk, max(MIN_BLOCK_ROWS, rows)), T)
+        rows = budget // (heads * (start + chunk - lo))
+        stop = min(start + min(chunk, max(min_rows, rows)), T)
         yield start, stop, lo
         start = stop
+
+
+def _plan(T: int, chunk: int, window: int | None, rep: int):
+    """The blocks of `_blocks` as a tuple, and (T * rep,) long: each row's block's first key."""
+    return _plan_cached(T, chunk, window, rep, BLOCK_LOGITS, MIN_BLOCK_ROWS)
+
+
+@functools.lru_cache(maxsize=64)
+def _plan_cached(T, chunk, window, rep, budget, min_rows):
+    plan = tuple(_blocks(T, chunk, window, rep, budget, min_rows))
+    lo_rows = torch.cat([torch.full(((stop - start) * rep,), lo, dtype=torch.long) for start, stop, lo in plan])
+    return plan, lo_rows
+
+
+class _Work:
+    """Working memory of one layer geometry, and every block's views over it, built once: the
+    blocks of all the layers of that geometry in one forward reuse both, so a block allocates
+    nothing (fresh pages for every block of a changing size cost page faults and zeroing) and
+    makes no view or slicing call, only its ~17 operations.
+
+    Rows are time-major within a kv head g: row t * rep + r is query t of head g * rep + r (the
+    rep = H / Hkv query heads that read kv head g), so a block of R queries of one kv head is one
+    contiguous (R * rep, dh) matrix, and its outputs and row statistics contiguous slices too."""
+
+    def __init__(self, B, Hkv, rep, T, dh, lengths, chunk, window, record, dev, shared: dict | None = None):
+        f32 = torch.float32
+        N = T * rep
+        shared = {} if shared is None else shared  # tensors shared with the other geometries of the shape
+
+        def tensor(name, shape, dtype=f32):
+            if name not in shared:
+                shared[name] = torch.empty(shape, dtype=dtype, device=dev)
+            return shared[name]
+
+        self.q = tensor("q", (B, Hkv, T, rep, dh))
+        self.k = tensor("k", (B, Hkv, T, dh))
+        self.v = tensor("v", (B, Hkv, T, dh))
+        self.o = tensor("o", (B, Hkv, N, dh))  # E @ v, divided by den at the end
+        self.m = tensor("m", (B, Hkv, N))  # the row maximum m
+        self.inv = tensor("inv", (B, Hkv, N))  # 1 / den (den: E's row sum [+ sink])
+        self.mass = tensor("mass", (B, Hkv, N))  # E's row sum (sink logits only)
+        self.plans = [_plan(n, chunk, window, rep) for n in lengths]
+        geometry = [(stop - start, stop - lo) for plan, _ in self.plans for start, stop, lo in plan]
+        rmax = max(R for R, _ in geometry)
+        self.s_buf = torch.empty(max(rep * R * K for R, K in geometry), dtype=f32, device=dev)
+        masks = {k: t.to(dev) for k, t in _mask_tables(rmax).items()}
+        if record:
+            self.top = tensor("top", (B, Hkv, N))  # the largest non-diagonal logit
+            self.idx = tensor("idx", (B, Hkv, N), torch.long)  # its key, from the block's lo
+            self.col_sum = tensor("col_sum", (B, Hkv * rep, T), torch.float64)  # zeroed per layer
+            # 1 / den of head r's rows of a block in row r, zeros elsewhere: column sums w @ E
+            self.w = torch.zeros(rep, rep * rmax, dtype=f32, device=dev)
+            self.val = tensor("val", (B, Hkv, N))  # A at the top key
+            self.key = tensor("key", (B, Hkv, N), torch.long)
+            self.lo_rows = torch.zeros(B, 1, N, dtype=torch.long, device=dev)  # each row's block's lo
+            self.n_visible = torch.zeros(B, T, dtype=torch.long)
+            for b, (n, (_, lo_rows)) in enumerate(zip(lengths, self.plans)):
+                self.lo_rows[b, 0, : len(lo_rows)] = lo_rows
+                counts = torch.arange(n, 0, -1)
+                self.n_visible[b, :n] = counts.clamp_max(window) if window else counts
+        on_cpu = dev.type == "cpu"
+        qrows = self.q.view(B, Hkv, N, dh)
+        self.blocks = []  # per (b, g): the blocks' views
+        for b, (plan, _) in enumerate(self.plans):
+            for g in range(Hkv):
+                views = []
+                idx_np = self.idx[b, g].numpy() if record and on_cpu else None
+                for start, stop, lo in plan:
+                    R, K = stop - start, stop - lo
+                    r0, r1 = start * rep, stop * rep
+                    s = self.s_buf[: rep * R * K].view(rep * R, K)
+                    s3 = s.view(R, rep, K)
+                    m = self.m[b, g, r0:r1]
+                    den = self.inv[b, g, r0:r1]
+                    # only the block's last R keys (the diagonal square) and, under a window, its
+                    # first R keys can be masked for some query of the block
+                    sq = s3[:, :, K - R:]
+                    square = (sq, masks["causal_diag_neg" if record else "causal_neg"][:R, None, :R],
+                              masks["causal_floor"][:R, None, :R], masks["causal_keep"][:R, None, :R])
+                    c = window - (start - lo) if window else R
+                    win = None
+                    if c < R:  # query i of the block sees key lo + j (j < R) when i - j < c
+                        cols = slice(c - 1, c - 1 + R)
+                        win = (s3[:, :, :R], masks["win_neg"][:R, None, cols],
+                               masks["win_floor"][:R, None, cols], masks["win_keep"][:R, None, cols])
+                    rec_views = None
+                    if record:
+                        t, x = self.top[b, g, r0:r1], self.idx[b, g, r0:r1]
+                        rec_views = (
+                            s.as_strided((R, rep), (rep * K + 1, K), s.storage_offset() + K - R),  # diagonal
+                            s.numpy() if on_cpu else None, x, idx_np[r0:r1] if on_cpu else None,
+                            t, t[:, None], x[:, None],
+                            self.w.as_strided((R, rep), (rep, self.w.shape[1] + 1)), self.w[:, : rep * R],
+                            self.col_sum[b, g * rep:(g + 1) * rep, lo:stop],
+                        )
+                    views.append((
+                        qrows[b, g, r0:r1], self.k[b, g, lo:stop].t(), self.v[b, g, lo:stop],
+                        self.o[b, g, r0:r1], s, square, win, m, m.view(R, rep), m[:, None], den,
+                        den.view(R, rep), self.mass[b, g, r0:r1], rec_views,
+                    ))
+                self.blocks.append(views)
+
+
+def _work(rec, B, Hkv, rep, T, dh, lengths, chunk, window, record, dev) -> _Work:
+    if rec is None:
+        return _Work(B, Hkv, rep, T, dh, lengths, chunk, window, record, dev)
+    shape = (B, Hkv, rep, T, dh, str(dev))
+    key = shape + (chunk, window, record)
+    if key not in rec.work:
+        rec.work[key] = _Work(B, Hkv, rep, T, dh, lengths, chunk, window, record, dev,
+                              rec.shared.setdefault(shape, {}))
+    return rec.work[key]
 
 
 def census_attention_forward(
@@ -137,12 +300,15 @@ def census_attention_forward(
     (output (B, T, H, dh), None). Records the layer's census sums when `census_forward` is running.
 
     A layer whose census is not wanted runs PyTorch's fused sdpa kernel where it applies (no
-    softcap, no sink logits, no window shorter than the prompt). A recorded layer runs block by
-    block, in one pass over each block's logits S (queries of the block x the keys they can see):
-    the row's largest logit other than the diagonal and its key (argmax of the logits is argmax of
-    the probabilities, ties to the first key), the row maximum m, E = exp(S - m) in place, the
-    normaliser den = sum E (+ exp(sink - m)), then output = (E @ v) / den and column sums
-    (1 / den) @ E: the probabilities A = E / den are never formed."""
+    softcap, no sink logits, no window shorter than the prompt). Otherwise the queries of each kv
+    head run block by block (the rep = H / Hkv query heads that read it together, see `_Work`), in
+    one pass over each block's logits S (queries of the block x the keys they can see): with the
+    diagonal masked, the row's largest logit other than the diagonal and its key (NumPy's argmax;
+    ties to the first key), the row maximum m (that logit or the diagonal's), E = exp(S - m) in
+    place, the normaliser den = sum E (+ exp(sink - m)), the unnormalised output E @ v and the
+    column sums (1 / den) @ E per head: the probabilities A = E / den are never formed. The
+    outputs are divided by den, and the top keys' probabilities exp(top - m) / den formed, once
+    per layer."""
     B, H, T, dh = query.shape
     Hkv, S = key.shape[1], key.shape[2]
     if S != T:
@@ -157,109 +323,136 @@ def census_attention_forward(
         )
     rep = H // Hkv
     scale = float(scaling) if scaling is not None else dh ** -0.5
-    window = int(sliding_window) if sliding_window else None
+    window = int(sliding_window) if sliding_window and sliding_window < T else None
     rec = _ACTIVE
     layer = getattr(module, "layer_idx", None)
     record = rec is not None and rec.wants(layer)
     chunk = rec.chunk if rec is not None else DEFAULT_CHUNK
     dtype = query.dtype
-    if not record and not softcap and s_aux is None and (window is None or window >= T):
+    if not record and not softcap and s_aux is None and window is None:
         with torch.no_grad():
             out = torch.nn.functional.scaled_dot_product_attention(
                 query, key, value, is_causal=True, scale=scale, enable_gqa=rep > 1,
             )
         return out.transpose(1, 2).contiguous(), None
+    lengths = [T] * B
+    if rec is not None:
+        if len(rec.lengths) != B or max(rec.lengths) > T:
+            raise CatchtagError(
+                f"the census recorder has lengths {rec.lengths} for a batch of {B} rows of {T} tokens"
+            )
+        lengths = rec.lengths
     dev = query.device
-    # the scale folded into q once (bit-exact when it is a power of two, as for head_dim 64)
-    q5 = (query.float() * scale).reshape(B, Hkv, rep, T, dh)
-    k = key.float().contiguous()  # the model passes transposed views: one copy, not one per block
-    v = value.float().contiguous()
-    sink = None
-    if s_aux is not None:
-        sink = s_aux.detach().float().reshape(1, Hkv, rep, 1)
-    out = torch.empty(B, Hkv, rep, T, dh, dtype=torch.float32, device=dev)
-    if record:
-        lengths = torch.tensor(rec.lengths, device=dev)
-        shortest = min(rec.lengths)  # rows of the batch padded after their `length` tokens
-        col_sum = torch.zeros(B, H, T, dtype=torch.float64, device=dev)
-        row_sum = torch.ones(B, H, T, dtype=torch.float64, device=dev)
-        top_key = torch.full((B, H, T), -1, dtype=torch.long, device=dev)
-        top_value = torch.zeros(B, H, T, dtype=torch.float64, device=dev)
-    neg_inf = float("-inf")
+    f32 = torch.float32
     with torch.no_grad():
-        for start, stop, lo in _blocks(T, chunk, window, B * H):
-            R = stop - start
-            hi = stop
-            K = hi - lo
-            qc = q5[:, :, :, start:stop].reshape(B, Hkv, rep * R, dh)
-            scores = torch.matmul(qc, k[:, :, lo:hi].transpose(-1, -2))  # (B, Hkv, rep*R, K)
-            s5 = scores.view(B, Hkv, rep, R, K)
-            if softcap:
-                scores.div_(softcap).tanh_().mul_(softcap)
-            if K <= 2 * R:
-                s5.masked_fill_(~_allowed(start, stop, lo, hi, window), neg_inf)
-            else:
-                # only the block's last R keys (the diagonal square) and, under a window, its first
-                # R keys can be masked for some query of the block
-                s5[..., K - R:].masked_fill_(_triu(R), neg_inf)
-                if window and stop - window > lo:  # some key of the first R is out of a row's window
-                    s5[..., :R].masked_fill_(~_allowed(start, stop, lo, lo + R, window), neg_inf)
-            if record:
-                # the row's largest logit other than the diagonal (the query itself), and its key
-                diag = s5[..., K - R:].diagonal(dim1=-2, dim2=-1)  # (B, Hkv, rep, R) view
-                d = diag.clone()
-                diag.fill_(neg_inf)
-                idx = _first_argmax(scores).view(B, Hkv, rep, R)
-                top = s5.gather(-1, idx[..., None])[..., 0]
-                diag.copy_(d)
-                m = torch.maximum(top, d)  # the row maximum (the diagonal is always visible)
-            else:
-                m = s5.amax(dim=-1)
-            if sink is not None:
-                m = torch.maximum(m, sink)
-            e5 = s5.sub_(m[..., None]).exp_()  # E = exp(S - m), in place
-            mass = e5.sum(dim=-1)  # (B, Hkv, rep, R): the keys' share of den
-            den = mass if sink is None else mass + torch.exp(sink - m)
-            inv = den.reciprocal_() if sink is not None else den.reciprocal()
-            o = torch.matmul(scores, v[:, :, lo:hi]).view(B, Hkv, rep, R, dh)
-            torch.mul(o, inv[..., None], out=out[:, :, :, start:stop])
-            if not record:
-                continue
-            if sink is not None:  # without sink logits every row sums to 1 (row_sum stays 1)
-                row_sum[:, :, start:stop] = (mass * inv).reshape(B, H, R)
-            w = inv
-            if shortest < stop:  # padding queries: left out of every sum
-                real = torch.arange(start, stop, device=dev)[None, :] < lengths[:, None]  # (B, R)
-                w = inv * real[:, None, None, :]
-            # column sums of A = E / den: a (1, R) @ (R, K) product per head
-            col_sum[:, :, lo:hi].add_(torch.matmul(w[..., None, :], e5).view(B, H, K))
-            val = (top - m).exp_().mul_(inv)  # A at the top key
-            idx += lo
-            idx.masked_fill_(val <= 0, 0)  # nothing positive but the diagonal: the first maximum (0) is key 0
-            if start == 0:
-                idx[..., 0] = -1
-                val[..., 0] = 0.0
-            top_key[:, :, start:stop] = idx.reshape(B, H, R)
-            top_value[:, :, start:stop] = val.reshape(B, H, R)
-    if record:
-        n_visible = torch.zeros(B, T, dtype=torch.long)
-        for b, n in enumerate(rec.lengths):
-            counts = torch.arange(n, 0, -1)
-            n_visible[b, :n] = counts.clamp_max(window) if window else counts
-        rec.out[layer] = LayerCensus(col_sum, n_visible, row_sum, top_key, top_value)
-    out = out.view(B, H, T, dh).transpose(1, 2).contiguous().to(dtype)
-    return out, None
+        w = _work(rec, B, Hkv, rep, T, dh, tuple(lengths), chunk, window, record, dev)
+        # the scale folded into q once (bit-exact when it is a power of two, as for head_dim 64)
+        q_src = query.unflatten(1, (Hkv, rep)).transpose(2, 3)
+        if query.dtype == f32:
+            torch.mul(q_src, scale, out=w.q)
+        else:
+            w.q.copy_(q_src).mul_(scale)
+        w.k.copy_(key)  # the model passes transposed views: one copy, not one per block
+        w.v.copy_(value)
+        sink = None if s_aux is None else s_aux.detach().to(f32).reshape(Hkv, rep)
+        if record:
+            w.col_sum.zero_()
+        for b, n in enumerate(lengths):
+            if n < T:  # padding queries (after the real tokens): output 0, in no sum
+                w.o[b, :, n * rep:].zero_()
+                w.inv[b, :, n * rep:].zero_()
+        for bg, views in enumerate(w.blocks):
+            sg = None if sink is None else sink[bg % Hkv]
+            for qv, kt, vv, ov, s, square, win, m, m2, mcol, den, den2, mass, rv in views:
+                torch.mm(qv, kt, out=s)
+                if softcap:
+                    s.div_(softcap).tanh_().mul_(softcap)
+                sq, neg, floor, keep = square
+                if record:
+                    diag, s_np, x, x_np, t, tcol, xcol, wdiag, wv, cs = rv
+                    m2.copy_(diag)  # the diagonal (query t, key t), kept in m while it is masked
+                sq.add_(neg)
+                if win is not None:
+                    win[0].add_(win[1])
+                if record:
+                    if s_np is not None:  # NumPy's argmax: ~10x torch's max-with-indices, ties to the first
+                        np.argmax(s_np, axis=1, out=x_np)
+                    else:
+                        torch.argmax(s, dim=1, out=x)
+                    torch.gather(s, 1, xcol, out=tcol)
+                    diag.copy_(m2)
+                    torch.maximum(t, m, out=m)  # the row maximum (the diagonal is always visible)
+                else:
+                    torch.amax(s, dim=1, out=m)
+                if sg is not None:
+                    torch.maximum(m2, sg, out=m2)
+                s.sub_(mcol)
+                torch.maximum(sq, floor, out=sq)
+                if win is not None:
+                    torch.maximum(win[0], win[2], out=win[0])
+                s.exp_()  # E = exp(S - m), in place; then the masked entries set to 0
+                sq.mul_(keep)
+                if win is not None:
+                    win[0].mul_(win[3])
+                torch.sum(s, dim=1, out=den)
+                if sg is not None:
+                    mass.copy_(den)
+                    den2.add_(torch.exp(sg - m2))
+                den.reciprocal_()
+                torch.mm(s, vv, out=ov)
+                if record:  # column sums of A = E / den per head
+                    wdiag.copy_(den2)
+                    cs.add_(torch.mm(wv, s))
+        # the outputs E @ v / den, in the model's (B, T, H, dh) layout
+        out = torch.empty(B, T, H, dh, dtype=f32, device=dev)
+        torch.mul(
+            w.o.view(B, Hkv, T, rep, dh).transpose(1, 2), w.inv.view(B, Hkv, T, rep, 1).transpose(1, 2),
+            out=out.view(B, T, Hkv, rep, dh),
+        )
+        if record:
+            res = rec.result(layer, B, H, T, dev)
+            rec.out[layer] = _finish_layer(w, res, B, T, rep, lengths, sink is not None)
+    return out.to(dtype), None
+
+
+def _finish_layer(w: _Work, res: LayerCensus, B, T, rep, lengths, sinks: bool) -> LayerCensus:
+    """Write the layer's census into `res` ((B, H, T) tensors) from the per-row block results
+    (B, Hkv, T * rep, time-major rows)."""
+    torch.sub(w.top, w.m, out=w.val).exp_().mul_(w.inv)  # A at the top key
+    torch.add(w.idx, w.lo_rows, out=w.key)
+    w.key.masked_fill_(w.val <= 0, 0)  # nothing positive but the diagonal: the first maximum (0) is key 0
+
+    def heads(dst, src):  # (B, Hkv, T * rep) -> (B, H, T)
+        dst.view(B, -1, rep, T).copy_(src.view(B, -1, T, rep).transpose(2, 3))
+
+    heads(res.top_key, w.key)
+    heads(res.top_value, w.val)
+    res.top_key[:, :, 0] = -1
+    res.top_value[:, :, 0] = 0.0
+    if sinks:
+        heads(res.row_sum, w.mass.mul_(w.inv))
+    else:  # without sink logits every row sums to 1
+        res.row_sum.fill_(1.0)
+    res.col_sum.copy_(w.col_sum)
+    res.n_visible.copy_(w.n_visible)
+    for b, n in enumerate(lengths):
+        if n < T:
+            res.top_key[b, :, n:] = -1
+            res.top_value[b, :, n:] = 0.0
+            res.row_sum[b, :, n:] = 0.0
+    return res
 
 
 @contextlib.contextmanager
-def recording(layers: set[int] | None, lengths: Sequence[int], chunk: int = DEFAULT_CHUNK):
+def recording(layers: set[int] | None, lengths: Sequence[int], chunk: int = DEFAULT_CHUNK,
+              n_layers: int | None = None):
     """While active, `census_attention_forward` records the census sums of the layers in `layers`
-    (None: all) into the yielded recorder's `out` {layer: LayerCensus}; `lengths`: each batch row's
-    real length (right padding after it)."""
+    (None: all `n_layers`, when given) into the yielded recorder's `out` {layer: LayerCensus};
+    `lengths`: each batch row's real length (right padding after it)."""
     global _ACTIVE
     if _ACTIVE is not None:
         raise CatchtagError("a census forward is already running (it is not re-entrant)")
-    _ACTIVE = _Recorder(layers, lengths, _check_chunk(chunk))
+    _ACTIVE = _Recorder(layers, lengths, _check_chunk(chunk), n_layers)
     try:
         yield _ACTIVE
     finally:
@@ -304,7 +497,7 @@ def census_raw(
         batch[b, : len(x)] = x
     wanted = None if layers is None else set(int(l) for l in layers)
     previous = hf.config._attn_implementation
-    with recording(wanted, lengths, chunk) as rec:
+    with recording(wanted, lengths, chunk, getattr(model, "n_layers", None)) as rec:
         try:
             hf.set_attn_implementation(NAME)
             with torch.no_grad():
