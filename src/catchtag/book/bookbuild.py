@@ -401,10 +401,10 @@ def _locked(lock: Path):
 JOBS_ENV = "CATCHTAG_JOBS"
 DEFAULT_JOBS = 2
 # Only orders a build that has no timings.json yet (longest first, so that the longest chapter does
-# not start last): seconds per chapter in the fresh-clone CI run of 2026-11-29 (2 cores). A build
-# then orders by its own recorded times.
-TYPICAL_SECONDS = {"kvcache": 154, "probing": 117, "reasoning": 65, "tag": 52, "qknorm": 39,
-                   "minimal": 38, "sinks": 37, "release": 28, "catch": 28}
+# not start last): seconds per chapter, one thread each, two at once, in the fresh-clone CI run of
+# 2026-11-29 (2 cores). A build then orders by its own recorded times.
+TYPICAL_SECONDS = {"kvcache": 237, "probing": 163, "reasoning": 78, "tag": 62, "minimal": 57,
+                   "sinks": 43, "qknorm": 37, "catch": 36, "release": 29}
 
 
 def _jobs_arg(text: str) -> int:
