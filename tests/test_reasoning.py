@@ -123,6 +123,11 @@ def test_verdict():
     assert R.proxy_reading(0.2, 0.1, 5, 3).startswith("larger than the control's on both")
     assert R.proxy_reading(0.0, 0.1, 3, 5).startswith("no larger")
     assert R.proxy_reading(0.2, 0.1, 3, 5).startswith("larger than the control's on one")
+    # with the paired interval of (tuned - control): an interval across 0 is not a larger change
+    assert R.proxy_reading(0.2, 0.1, 5, 3, (-0.01, 0.2)).startswith("not distinguishable from the control's")
+    assert R.proxy_reading(0.2, 0.1, 5, 3, (0.02, 0.2)).startswith("larger than the control's on both")
+    assert R.proxy_reading(0.0, 0.1, 3, 5, (-0.2, -0.05)).startswith("no larger")
+    assert R.proxy_reading(0.2, 0.1, 5, 3, (float("nan"), float("nan"))).startswith("larger than the control's on both")
     line = R.summary("base", 1.0, "tuned", 1.25, 1.1)
     assert "1.000 → tuned 1.250" in line and "control 1.100" in line and "offline proxy" in line
 

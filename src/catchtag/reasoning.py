@@ -527,14 +527,25 @@ def verdict(base_sph: float, tuned_sph: float, pair: str | None, min_rise: float
     return "reproduced" if tuned_sph > base_sph * (1 + min_rise) else "not reproduced"
 
 
-def proxy_reading(diff_reasoning: float, diff_control: float, hev_reasoning: float, hev_control: float) -> str:
+def proxy_reading(diff_reasoning: float, diff_control: float, hev_reasoning: float, hev_control: float,
+                  sinks_ci: tuple[float, float] | None = None) -> str:
     """How the offline proxy reads: the reasoning fine-tune's change from the base (sinks per head,
-    high-EV heads) against the control's, in words."""
+    high-EV heads) against the control's, in words. `sinks_ci`: the paired 95% interval over
+    prompts of (reasoning-tuned - control) sinks per head (`ReasoningRun.change_interval`); when
+    it is given and contains 0, the sinks count is read as not resolved, whatever the point
+    estimates say (ours). High-EV heads are whole counts with no interval: compared as numbers."""
     if not all(np.isfinite([diff_reasoning, diff_control, hev_reasoning, hev_control])):
         return "not compared with a control"
-    if diff_reasoning > diff_control and hev_reasoning > hev_control:
+    hev_larger = hev_reasoning > hev_control
+    if sinks_ci is not None and all(np.isfinite(sinks_ci)) and sinks_ci[0] <= 0 <= sinks_ci[1]:
+        return ("not distinguishable from the control's in sinks per head (the paired interval of their "
+                f"difference includes 0) and {'larger' if hev_larger else 'no larger'} in high-EV heads: "
+                "no clear reasoning-specific effect")
+    sinks_larger = (sinks_ci[0] > 0 if sinks_ci is not None and all(np.isfinite(sinks_ci))
+                    else diff_reasoning > diff_control)
+    if sinks_larger and hev_larger:
         return "larger than the control's on both counts, the direction the paper's hypothesis predicts"
-    if diff_reasoning <= diff_control and hev_reasoning <= hev_control:
+    if not sinks_larger and not hev_larger:
         return ("no larger than the control's on either count: fine-tuning on this text moves sinks "
                 "whether or not it spells out the steps")
     return "larger than the control's on one count and not on the other: no clear reasoning-specific effect"
@@ -651,7 +662,8 @@ class ReasoningRun:
         q["n_prompts"] = len(self.prompts)
         q["n_tokens"] = float(s.loc[base, "n_tokens"])
         q["reading"] = proxy_reading(q["diff_reasoning"], q["diff_control"],
-                                     q["hev_tuned"] - q["hev_base"], q["hev_control"] - q["hev_base"])
+                                     q["hev_tuned"] - q["hev_base"], q["hev_control"] - q["hev_base"],
+                                     (q["diff_tuned_control_lo"], q["diff_tuned_control_hi"]))
         h = self.heads
         if grid(h, base, "n_sinks").shape == grid(h, tuned, "n_sinks").shape:
             by_layer = h.groupby(["model", "layer"])["n_sinks"].mean().unstack("model")
