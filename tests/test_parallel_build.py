@@ -74,6 +74,27 @@ def test_a_failing_chapter_stops_the_parallel_build_with_its_status(book):
     assert not (bookbuild.EXECUTED / "bad.ipynb").exists()
 
 
+def _fake_chapter(name, params, force, threads):
+    import time
+
+    if name == "bad":
+        raise bookbuild.ChapterFailed("chapter 'bad' failed in cell 3 (CatchtagError: no)", 2)
+    time.sleep(0.5)  # the first chapters are still running when "bad" fails
+    return name, 0.5, False
+
+
+def test_chapters_not_started_are_cancelled_and_the_failure_is_raised(book, monkeypatch):
+    """More chapters than workers: the ones still queued when a chapter fails never run, and the
+    build ends with the failure's one line and status (not with the cancellations)."""
+    monkeypatch.setattr(bookbuild, "_execute_in_worker", _fake_chapter)
+    names = ["bad"] + [f"c{i}" for i in range(8)]
+    for n in names:
+        tiny_chapter(book, n, "x = 1")
+    with pytest.raises(bookbuild.ChapterFailed) as info:
+        bookbuild.execute_all(names, {n: {} for n in names}, force=True, jobs=2)
+    assert info.value.status == 2 and "chapter 'bad' failed" in info.value.message
+
+
 def test_chapter_failed_keeps_its_status_through_pickling():
     exc = pickle.loads(pickle.dumps(bookbuild.ChapterFailed("one line", 2)))
     assert (exc.message, exc.status) == ("one line", 2)

@@ -496,6 +496,8 @@ def _execute_parallel(names, chosen, force, jobs):
     with ProcessPoolExecutor(max_workers=min(jobs, len(order)), mp_context=ctx) as pool:
         futures = [pool.submit(_execute_in_worker, n, chosen[n], force, threads) for n in order]
         for future in as_completed(futures):
+            if future.cancelled():  # not started: a chapter failed before
+                continue
             try:
                 times.append(future.result())
             except ChapterFailed as exc:
