@@ -80,11 +80,16 @@ def prenorm_norms(model: Model, prompts: Sequence[str], remote: bool | str = Fal
                     ks.append(attn.k_proj.output.reshape(len(ids), T, Hkv, dh).norm(dim=-1))
         else:
             qs, ks = _projection_norms(model, batch)
-        for b, n in enumerate(lengths):
-            q = torch.stack([x[b, :n].float().T for x in qs])  # (L, H, n)
-            k = torch.stack([x[b, :n].float().T for x in ks]).repeat_interleave(H // Hkv, dim=1)
-            out.append(dict(q=q, k=k))
+        out += _per_prompt(qs, ks, lengths, H // Hkv)
     return out
+
+
+def _per_prompt(qs: list, ks: list, lengths: list[int], rep: int) -> list[dict]:
+    """One batch's per-layer norms, (B, T, H) for q and (B, T, Hkv) for k, as one dict per prompt:
+    q (L, H, n) and k (L, H, n) (kv heads repeated `rep` times to the query heads), n its length."""
+    return [dict(q=torch.stack([x[b, :n].float().T for x in qs]),
+                 k=torch.stack([x[b, :n].float().T for x in ks]).repeat_interleave(rep, dim=1))
+            for b, n in enumerate(lengths)]
 
 
 class _Stop(Exception):
@@ -158,11 +163,7 @@ def _capture_with_prenorm(model: Model, prompts: list[str], batch_size: int = 1)
         raise CatchtagError(f"model {model.name!r}: not every layer's q_proj and k_proj ran; cannot read pre-norm norms")
     pre = []
     for f, group in zip(passes, groups):
-        for b, cap in enumerate(group):
-            n = cap.n_tokens
-            q = torch.stack([x[b, :n].float().T for x in f["q"]])  # (L, H, n)
-            k = torch.stack([x[b, :n].float().T for x in f["k"]]).repeat_interleave(H // Hkv, dim=1)
-            pre.append(dict(q=q, k=k))
+        pre += _per_prompt(f["q"], f["k"], [cap.n_tokens for cap in group], H // Hkv)
     return caps, pre
 
 
