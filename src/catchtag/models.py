@@ -576,6 +576,9 @@ def load_model(
                 f"model {name!r} is an offline GGUF checkpoint that NDIF does not host: use a "
                 "Hugging Face id with remote=True, or remote='local' for an offline dry run"
             )
+        ready = _PRELOADED.pop((name, dtype, attn_implementation, use_cache), None)
+        if ready is not None:
+            return ready
         spec = REGISTRY[name]
         path = spec.gguf_path()  # once: for Gemma-3 this joins and hashes the parts
         hf, tok, digest = _load_offline(name, path, dtype, attn_implementation, use_cache)
@@ -583,6 +586,28 @@ def load_model(
     if "/" not in name and not os.path.isdir(name):
         raise CatchtagError(_unknown_model_message(name))
     return _load_hub(name, dtype, attn_implementation, remote, trust_remote_code)
+
+
+# (name, dtype, attn_implementation, use_cache) -> Model loaded by `preload`, not yet handed out
+_PRELOADED: dict[tuple, Model] = {}
+
+
+def preload(names) -> list[str]:
+    """Load the registry models among `names` (default arguments) and keep each for the first
+    `load_model` call with those arguments, which gets it instead of loading again (once: a later
+    call loads anew). For a process that forks workers which each load the same models (the book
+    build's warm kernels, `catchtag.book.warmkernel`): the fork shares the weights. A model that
+    cannot be loaded is skipped. Returns the names preloaded, in order."""
+    done = []
+    for name in dict.fromkeys(n for n in names if isinstance(n, str) and n in REGISTRY):
+        key = (name, "float32", "auto", True)
+        if key not in _PRELOADED:
+            try:
+                _PRELOADED[key] = load_model(name)
+            except CatchtagError:
+                continue
+        done.append(name)
+    return done
 
 
 def _unknown_model_message(name) -> str:

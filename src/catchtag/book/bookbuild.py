@@ -313,10 +313,14 @@ def execute(name: str, params: dict, force: bool = False) -> tuple[Path, float, 
     # Progress bars are for readers who rerun a chapter; in the rendered book they are noise.
     os.environ["TQDM_DISABLE"] = "1"
     start = time.time()
+    from catchtag.book import warmkernel
+
+    # a kernel forked from this process, which has imported the library and loaded the models
+    warm = {"kernel_manager_class": warmkernel.kernel_manager_class()} if warmkernel.ready() else {}
     try:
         pm.execute_notebook(
             str(raw), str(tmp), parameters=params, kernel_name="python3", cwd=str(BOOK),
-            progress_bar=False, log_output=False,
+            progress_bar=False, log_output=False, **warm,
         )
     except pm.PapermillExecutionError as exc:
         tmp.unlink(missing_ok=True)
@@ -484,6 +488,57 @@ def execute_all(names: list[str], chosen: dict, force: bool, jobs: int = 1) -> l
     return times
 
 
+def kernel_threads(names: list[str], jobs: int) -> int | None:
+    """Torch threads of the chapters' kernels as `execute_all` will run them: the parallel build's
+    `threads_per_chapter`, else $OMP_NUM_THREADS (None when unset: torch uses every core)."""
+    regular = [n for n in names if not is_summary(BOOK / f"{n}.md")]
+    if jobs > 1 and len(regular) > 1:
+        return threads_per_chapter(jobs)
+    omp = os.environ.get("OMP_NUM_THREADS", "").strip()
+    return int(omp) if omp.isdigit() else None
+
+
+def warm_up(names: list[str], chosen: dict, force: bool, jobs: int = 1) -> list[str]:
+    """Before `execute_all` in the build's own process (`main`; never in a process that has run
+    torch, e.g. a test session): import the library and preload the registry models that the
+    chapters to execute name, so that their kernels are forked warm (`catchtag.book.warmkernel`).
+    Nothing happens when every chapter is up to date, warm kernels are off, or the kernels will
+    run more than one torch thread (only one-thread kernels are forked: see warmkernel). Returns
+    the models preloaded."""
+    from catchtag.book import warmkernel
+
+    if not warmkernel.enabled() or kernel_threads(names, jobs) != 1:
+        return []
+    pending = [n for n in names if force or is_summary(BOOK / f"{n}.md") or not _up_to_date(n, chosen[n])]
+    if not pending:
+        return []
+    start = time.time()
+    loaded = warmkernel.prepare(_registry_models(pending, chosen))
+    if warmkernel.ready():
+        print(f"[book] warm kernels: library imported and {', '.join(loaded) or 'no model'} loaded in "
+              f"{time.time() - start:.0f} s, once for every chapter", flush=True)
+    return loaded
+
+
+def _up_to_date(name: str, params: dict) -> bool:
+    """Whether `execute` would reuse the chapter's executed notebook (same cache key)."""
+    out = EXECUTED / f"{name}.ipynb"
+    return out.exists() and _stored_key(out) == cache_key(BOOK / f"{name}.md", params)
+
+
+def _registry_models(names: list[str], chosen: dict) -> list[str]:
+    """The string parameter values of these chapters (their declared defaults, overridden by
+    `chosen`), for `warmkernel.prepare` to preload those that are registry models."""
+    import jupytext
+
+    found = []
+    for name in names:
+        values = {**declared_parameters(jupytext.read(BOOK / f"{name}.md")), **chosen[name]}
+        for v in values.values():
+            found += [x for x in (v if isinstance(v, (list, tuple)) else [v]) if isinstance(x, str)]
+    return list(dict.fromkeys(found))
+
+
 def _execute_parallel(names, chosen, force, jobs):
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -600,10 +655,15 @@ def _main(argv=None) -> None:
                         help="override a chapter parameter (papermill style)")
     parser.add_argument("--force", action="store_true", help="execute even when a cached copy matches")
     parser.add_argument("--no-html", action="store_true", help="execute only, do not build HTML")
+    parser.add_argument("--cold", action="store_true",
+                        help="start every chapter's kernel as a new process (default: forked from the build "
+                             "process with the library imported and the models loaded; also $CATCHTAG_WARM=0)")
     parser.add_argument("--jobs", "-j", type=_jobs_arg, default=None, metavar="N",
                         help="chapters executed at once, each in its own kernel with cores/N threads "
                              f"(default: ${JOBS_ENV}, else {DEFAULT_JOBS} or the number of cores if fewer)")
     args = parser.parse_args(argv)
+    if args.cold:
+        os.environ["CATCHTAG_WARM"] = "0"
     params = {k: parse_value(v) for k, v in args.parameter}
     names = chapters_in_toc()
     notebooks = [n for n in names if is_notebook(BOOK / f"{n}.md")]
@@ -630,6 +690,7 @@ def _main(argv=None) -> None:
             check_chapter_params(name, nbs[name], chosen[name])
     jobs = default_jobs() if args.jobs is None else args.jobs
     wall = time.time()
+    warm_up(todo, chosen, args.force, jobs)
     times = execute_all(todo, chosen, args.force, jobs)
     missing = [n for n in notebooks if not (EXECUTED / f"{n}.ipynb").exists()]
     if not args.no_html:

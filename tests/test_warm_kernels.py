@@ -1,0 +1,138 @@
+"""Warm kernels (`catchtag.book.warmkernel`): the book build forks each chapter's kernel from a
+process that has imported the library and loaded the models; the chapter sees the same model a
+fresh load gives, on one torch thread; a process that has run torch (this test session) never
+forks kernels; `--cold` / $CATCHTAG_WARM=0 start kernels as new processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from catchtag.book import warmkernel
+
+from _chapters import ROOT, tiny_chapter
+
+# A chapter that reports, before importing anything itself, whether its kernel was forked warm,
+# then compares the model `load_model` hands it first (the preloaded one) with a second, fresh
+# load: the same weights and the same logits, bit for bit.
+PROBE = """
+import json, os, sys
+warm = "torch" in sys.modules and "transformers" in sys.modules
+from catchtag import models
+preloaded = (model, "float32", "auto", True) in models._PRELOADED
+import torch
+first = models.load_model(model)
+second = models.load_model(model)   # the preloaded one is handed out once: this one is loaded anew
+a, b = first.hf.state_dict(), second.hf.state_dict()
+same_weights = first is not second and a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+ids = first.tokenizer("The capital of France is Paris.", return_tensors="pt").input_ids
+with torch.no_grad():
+    same_logits = torch.equal(first.hf(ids).logits, second.hf(ids).logits)
+out = dict(warm=warm, preloaded=preloaded, same_weights=same_weights, same_logits=same_logits,
+           threads=torch.get_num_threads(), omp=os.environ.get("OMP_NUM_THREADS"),
+           session=os.getsid(0) == os.getpid())
+open(os.path.join(REPORT, NAME + ".json"), "w").write(json.dumps(out))
+"""
+
+# The build's own entry point, on a book folder of tiny chapters (BOOK patched before anything is
+# imported, as `python -m catchtag.book.bookbuild` would run it).
+DRIVER = """
+import sys
+from pathlib import Path
+from catchtag.book import bookbuild as b
+b.BOOK = Path(sys.argv[1])
+b.chapters_in_toc = lambda: ["a", "b"]
+b.main(["--chapter", "a", "--chapter", "b", "--force", "--no-html", "--jobs", "2", *sys.argv[2:]])
+"""
+
+
+def _run_tiny_book(tmp_path, *extra, env_extra=None):
+    book = tmp_path / "book"
+    report = tmp_path / "report"
+    report.mkdir()
+    for name in ("a", "b"):
+        tiny_chapter(book, name, f"REPORT, NAME = {str(report)!r}, {name!r}", PROBE)
+    env = {**os.environ, "CATCHTAG_BUILD": str(tmp_path / "build"), "CATCHTAG_RESULTS": str(tmp_path / "results")}
+    env.pop("OMP_NUM_THREADS", None)
+    env.update(env_extra or {})
+    out = subprocess.run([sys.executable, "-c", DRIVER, str(book), *extra], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return {n: json.loads((report / f"{n}.json").read_text()) for n in ("a", "b")}
+
+
+def test_the_build_forks_warm_kernels_that_see_what_a_fresh_load_gives(tmp_path):
+    got = _run_tiny_book(tmp_path)
+    for name, r in got.items():
+        assert r["warm"] and r["preloaded"], (name, r)
+        assert r["same_weights"] and r["same_logits"], (name, r)
+        assert r["threads"] == 1 and r["omp"] == "1" and r["session"], (name, r)
+
+
+def test_cold_kernels_on_request(tmp_path):
+    for extra, env in ((["--cold"], None), ([], {"CATCHTAG_WARM": "0"})):
+        folder = tmp_path / ("flag" if extra else "env")
+        folder.mkdir()
+        got = _run_tiny_book(folder, *extra, env_extra=env)
+        for name, r in got.items():
+            assert not r["warm"] and not r["preloaded"], (name, r)
+            assert r["same_weights"] and r["same_logits"] and r["threads"] == 1, (name, r)
+
+
+def test_a_process_that_has_imported_torch_never_forks_kernels(monkeypatch):
+    import torch  # noqa: F401  (this session has run torch: its OpenMP pool would not survive a fork)
+
+    monkeypatch.setattr(warmkernel, "_READY", False)
+    assert warmkernel.prepare(["smollm2-135m"]) == []
+    assert not warmkernel.ready()
+    monkeypatch.setenv("CATCHTAG_WARM", "0")
+    assert not warmkernel.enabled()
+
+
+def test_forked_process_handle_polls_waits_and_kills():
+    pid = os.fork()
+    if pid == 0:  # the child only sleeps (no torch: safe to fork this session)
+        time.sleep(60)
+        os._exit(0)
+    p = warmkernel._ForkedProcess(pid)
+    assert p.poll() is None
+    p.kill()
+    assert p.wait() == -signal.SIGKILL and p.poll() == -signal.SIGKILL
+    p.send_signal(signal.SIGTERM)  # a finished process: nothing is sent, no error
+    pid = os.fork()
+    if pid == 0:
+        os._exit(3)
+    assert warmkernel._ForkedProcess(pid).wait() == 3
+
+
+def test_only_ipykernel_command_lines_are_forked():
+    assert warmkernel._is_ipykernel([sys.executable, "-m", "ipykernel_launcher", "-f", "c.json"])
+    assert not warmkernel._is_ipykernel([sys.executable, "-m", "other_kernel", "-f", "c.json"])
+
+
+def test_warm_kernels_only_where_each_kernel_runs_one_thread(tmp_path, monkeypatch):
+    from catchtag.book import bookbuild
+
+    from _chapters import HEADER
+
+    book = tmp_path / "book"
+    book.mkdir()
+    for name in ("a", "b"):
+        (book / f"{name}.md").write_text(HEADER)
+    monkeypatch.setattr(bookbuild, "BOOK", book)
+    monkeypatch.setattr(bookbuild, "_cores", lambda: 2)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert bookbuild.kernel_threads(["a", "b"], 2) == 1       # the default build on 2 cores: warm
+    assert bookbuild.kernel_threads(["a", "b"], 1) is None    # one at a time, every core: cold
+    assert bookbuild.kernel_threads(["a"], 2) is None         # a single chapter runs in-process order
+    monkeypatch.setattr(bookbuild, "_cores", lambda: 4)
+    assert bookbuild.kernel_threads(["a", "b"], 2) == 2       # two threads each: cold
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert bookbuild.kernel_threads(["a"], 1) == 1
+    # the chapters' registry models, from their declared defaults and the overrides
+    assert bookbuild._registry_models(["a", "b"], {"a": {}, "b": {"model": "gemma3-270m"}}) == [
+        "smollm2-135m", "", "gemma3-270m"]
