@@ -751,16 +751,9 @@ def workers_available(n_jobs: int) -> int:
     OMP_NUM_THREADS when it is set (the book is developed with OMP_NUM_THREADS=1 on shared cores)
     and by the number of runs. Each run uses one thread (`_deterministic`), so a run's numbers do
     not depend on this: only the wall time does."""
-    import os
+    from . import cores
 
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        cores = os.cpu_count() or 1
-    omp = os.environ.get("OMP_NUM_THREADS", "")
-    if omp.isdigit() and int(omp) > 0:
-        cores = min(cores, int(omp))
-    return max(1, min(cores, n_jobs))
+    return max(1, min(cores.available(), cores.omp_threads() or n_jobs, n_jobs))
 
 
 def _train_job(job: dict):

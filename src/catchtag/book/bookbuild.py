@@ -433,10 +433,9 @@ def default_jobs() -> int:
 
 
 def _cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
+    from catchtag import cores
+
+    return cores.available()
 
 
 def threads_per_chapter(jobs: int) -> int:
@@ -444,10 +443,9 @@ def threads_per_chapter(jobs: int) -> int:
     when the user set it, else the cores shared out (at least 1). Chapters of small models gain
     little from a second thread (kvcache ran 1.33x faster with two, probing 1.2x, on 2 cores), so
     two chapters with one thread each finish the book sooner than one chapter with two."""
-    omp = os.environ.get("OMP_NUM_THREADS", "")
-    if omp.isdigit() and int(omp) > 0:
-        return int(omp)
-    return max(1, _cores() // max(1, jobs))
+    from catchtag import cores
+
+    return cores.omp_threads() or max(1, _cores() // max(1, jobs))
 
 
 def _last_seconds(name: str) -> float:
@@ -494,8 +492,9 @@ def kernel_threads(names: list[str], jobs: int) -> int | None:
     regular = [n for n in names if not is_summary(BOOK / f"{n}.md")]
     if jobs > 1 and len(regular) > 1:
         return threads_per_chapter(jobs)
-    omp = os.environ.get("OMP_NUM_THREADS", "").strip()
-    return int(omp) if omp.isdigit() else None
+    from catchtag import cores
+
+    return cores.omp_threads()
 
 
 def warm_up(names: list[str], chosen: dict, force: bool, jobs: int = 1) -> list[str]:
