@@ -83,8 +83,7 @@ def _planted_paper(n=600, L=3, H=4, dh=8, seed=0):
     notag = rng.standard_normal((n, L, H, dh)).astype(np.float32) + 3.0
     tag[:, 1, 2, 0] += 1.5 * (2 * y - 1)
     z = np.zeros((n, L, H), np.float32)
-    f = probes.PaperFeatures(list(range(L)), tag, notag, tag + notag, z, z, z.astype(bool),
-                             np.zeros((n, L, 4), np.float32))
+    f = probes.PaperFeatures(list(range(L)), tag, notag, tag + notag, z, z, z.astype(bool))
     return f, y, np.repeat(np.arange(n // 2), 2)
 
 

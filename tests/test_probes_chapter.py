@@ -94,7 +94,7 @@ def test_ours_table_and_head_map():
     t = probes.ours_table({"a": _study(), "b": _study()}, "head")
     assert list(t.index) == list(probes.FEAT_LABELS.values())
     lo, hi = probes.accuracy_interval(0.9, 200)
-    assert t.loc["θ_tag", ("a", probes.PROBE_LABELS["mm"])] == f"90.0 [{100 * lo:.1f}, {100 * hi:.1f}]"
+    assert t.loc["θ_tag", ("a", probes.PROBE_LABELS["mm"])] == f"90.0% [{100 * lo:.1f}%, {100 * hi:.1f}%]"
     assert t.loc["θ_tag", ("b", "AUROC")] == "0.95" and t.loc["θ_tag", ("a", "where")] == "L2 H1"
     assert probes.ours_table({"a": _study()}, "layer").loc["θ_no tag", ("a", "where")] == "L2"
     M, (layer, head) = probes.head_map(_study(), "tag")

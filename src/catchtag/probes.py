@@ -313,7 +313,7 @@ class PaperFeatures:
     """At the last token of each prompt, per (layer, head): tag, notag, full (n, L, H, d_head),
     float32, in value space; `first_weight` (n, L, H) the share of z_tag's attention weight on the
     first token, `self_sink` (n, L, H) whether the probed token counts as its own sink
-    (alpha = A_TT > eps), `resid` (n, L, d_model) the residual after each layer there."""
+    (alpha = A_TT > eps)."""
 
     layers: list[int]
     tag: np.ndarray
@@ -322,13 +322,12 @@ class PaperFeatures:
     first_weight: np.ndarray
     self_weight: np.ndarray
     self_sink: np.ndarray
-    resid: np.ndarray
 
 
-def _paper_arrays(n: int, L: int, H: int, dh: int, d: int) -> dict[str, np.ndarray]:
+def _paper_arrays(n: int, L: int, H: int, dh: int) -> dict[str, np.ndarray]:
     return {**{k: np.zeros((n, L, H, dh), np.float32) for k in ("tag", "notag", "full")},
             "first_weight": np.zeros((n, L, H), np.float32), "self_weight": np.zeros((n, L, H), np.float32),
-            "self_sink": np.zeros((n, L, H), bool), "resid": np.zeros((n, L, d), np.float32)}
+            "self_sink": np.zeros((n, L, H), bool)}
 
 
 def paper_at(A: torch.Tensor, V: torch.Tensor, pos: torch.Tensor, eps: float) -> dict[str, torch.Tensor]:
@@ -357,13 +356,11 @@ def paper_at(A: torch.Tensor, V: torch.Tensor, pos: torch.Tensor, eps: float) ->
             "self_weight": wt[ar, :, pos] / total, "self_sink": sink[ar, :, pos]}
 
 
-def _paper_fill(arrays, rows, layers, A, V, R, pos, eps):
+def _paper_fill(arrays, rows, layers, A, V, pos, eps):
     """Fill `_paper_arrays` rows `rows` from one batch of `forward_batches` at positions pos (B,)."""
-    ar = torch.arange(len(rows))
     for j, l in enumerate(layers):
         for key, val in paper_at(A[l], V[l], pos, eps).items():
             arrays[key][rows, j] = val.numpy()
-        arrays["resid"][rows, j] = R[l][ar, pos].numpy()
 
 
 def _paper_result(layers, arrays) -> "PaperFeatures":
@@ -377,10 +374,10 @@ def paper_features(model, prompts: Sequence[str], eps: float = 0.2, layers: Sequ
 
     eps = check_eps(eps)
     layers = list(range(model.n_layers)) if layers is None else sorted(set(int(l) for l in layers))
-    arrays = _paper_arrays(len(prompts), len(layers), model.n_heads, model.head_dim, model.d_model)
+    arrays = _paper_arrays(len(prompts), len(layers), model.n_heads, model.head_dim)
 
     def on_batch(rows, ids, A, V, R):
-        _paper_fill(arrays, rows, layers, A, V, R, torch.full((len(rows),), ids.shape[1] - 1), eps)
+        _paper_fill(arrays, rows, layers, A, V, torch.full((len(rows),), ids.shape[1] - 1), eps)
 
     forward_batches(model, prompts, on_batch, layers, batch_size, progress)
     return _paper_result(layers, arrays)
@@ -578,12 +575,12 @@ def statement_features(model, statements: Sequence[str], continuation: str, eps:
     eps = check_eps(eps)
     prompts, bpos, layers = _faithful_prompts(model, statements, continuation, layers)
     shape = (len(prompts), len(layers), model.n_heads, model.head_dim, model.d_model)
-    paper, faithful = _paper_arrays(*shape), _faithful_arrays(*shape)
+    paper, faithful = _paper_arrays(*shape[:4]), _faithful_arrays(*shape)
 
     def on_batch(rows, ids, A, V, R):
         rows = np.asarray(rows)
         p = torch.as_tensor(bpos[rows])
-        _paper_fill(paper, rows, layers, A, V, R, p, eps)
+        _paper_fill(paper, rows, layers, A, V, p, eps)
         _faithful_fill(faithful, rows, layers, A, V, R, p, eps)
 
     forward_batches(model, prompts, on_batch, layers, batch_size, progress)
@@ -880,7 +877,8 @@ def table1_quantities(study: dict) -> dict:
 def ours_table(studies: dict, where: str = "head") -> pd.DataFrame:
     """The Table-1 analogue (ours): rows θ_tag, θ_no tag, θ_activation; per model (`cities_study`
     outputs by model name) a column per probe of `PROBE_LABELS`, accuracies in % with their 95%
-    Wilson interval on the test rows ("98.5 [95.7, 99.5]"), AUROC as a fraction, and the location
+    Wilson interval on the test rows (`accuracy_ci_text`: "98.5% [95.7%, 99.5%]", as the sentiment
+    table and the text), AUROC as a fraction, and the location
     ("L3 H2"; "L3" for where="layer", heads concatenated)."""
     cols = {}
     for name, study in studies.items():
@@ -892,8 +890,7 @@ def ours_table(studies: dict, where: str = "head") -> pd.DataFrame:
                 if p == "auroc":
                     cells.append(f"{v:.2f}")
                 else:
-                    lo, hi = accuracy_interval(v, study["n_test"])
-                    cells.append(f"{100 * v:.1f} [{100 * lo:.1f}, {100 * hi:.1f}]")
+                    cells.append(accuracy_ci_text(v, study["n_test"]))
             cols[(name, label)] = cells
         cols[(name, "where")] = [_where_text(t.loc[(f, where)], where, short=True) for f in FEAT_LABELS]
     return pd.DataFrame(cols, index=list(FEAT_LABELS.values()))
