@@ -157,7 +157,7 @@ def test_statement_features_serve_both_protocols(any_model):
     cont = " It was written down in a small notebook."
     pf, ff = probes.statement_features(any_model, texts, cont, progress=False)
     alone = probes.paper_features(any_model, texts, progress=False)
-    for k in ("tag", "notag", "full", "first_weight", "self_weight", "resid"):
+    for k in ("tag", "notag", "full", "first_weight", "self_weight"):
         a, b = getattr(pf, k), getattr(alone, k)
         assert np.abs(a - b).max() <= 1e-5 * max(1.0, np.abs(b).max()), k
     assert (pf.self_sink == alone.self_sink).all()
