@@ -204,7 +204,7 @@ class _Work:
             return shared[name]
 
         self.q = tensor("q", (B, Hkv, T, rep, dh))
-        self.k = tensor("k", (B, Hkv, T, dh))
+        self.kt = tensor("kt", (B, Hkv, dh, T))  # keys transposed: each block reads a column slice
         self.v = tensor("v", (B, Hkv, T, dh))
         self.o = tensor("o", (B, Hkv, N, dh))  # E @ v, divided by den at the end
         self.m = tensor("m", (B, Hkv, N))  # the row maximum m
@@ -265,7 +265,7 @@ class _Work:
                             self.col_sum[b, g * rep:(g + 1) * rep, lo:stop],
                         )
                     views.append((
-                        qrows[b, g, r0:r1], self.k[b, g, lo:stop].t(), self.v[b, g, lo:stop],
+                        qrows[b, g, r0:r1], self.kt[b, g, :, lo:stop], self.v[b, g, lo:stop],
                         self.o[b, g, r0:r1], s, square, win, m, m.view(R, rep), m[:, None], den,
                         den.view(R, rep), self.mass[b, g, r0:r1], rec_views,
                     ))
@@ -352,7 +352,7 @@ def census_attention_forward(
             torch.mul(q_src, scale, out=w.q)
         else:
             w.q.copy_(q_src).mul_(scale)
-        w.k.copy_(key)  # the model passes transposed views: one copy, not one per block
+        w.kt.copy_(key.transpose(2, 3))  # one copy, not one per block
         w.v.copy_(value)
         sink = None if s_aux is None else s_aux.detach().to(f32).reshape(Hkv, rep)
         if record:
