@@ -219,3 +219,55 @@ def test_census_blocks_under_the_logit_budget_share_the_working_memory(monkeypat
         assert len(rec.work) == 2  # one working memory per geometry, reused
         first, second = rec.work.values()
         assert first.q is second.q and first.o is second.o  # the geometries share q, k, v, outputs
+
+
+@pytest.mark.parametrize("always_shift", [False, True])
+def test_census_blocks_with_and_without_the_row_maximum_subtracted(monkeypatch, always_shift):
+    # A block whose row maxima all lie in [SHIFT_MIN, SHIFT_MAX] takes exp(S), others exp(S - m):
+    # queries whose logits are all far below 0 (maxima < SHIFT_MIN), ordinary ones, and ones with
+    # maxima above SHIFT_MAX, in one layer (GQA, padding, sink logits, a window, a block size that
+    # does not divide T), equal the streaming statistics either way (and with every block shifted).
+    from catchtag import census_attention as ca
+
+    lo, hi = ca.SHIFT_MIN, ca.SHIFT_MAX
+    if always_shift:
+        monkeypatch.setattr(ca, "SHIFT_MAX", float("-inf"))
+    B, H, Hkv, T, dh = 2, 6, 2, 45, 8
+    lengths = [45, 38]
+    g = torch.Generator().manual_seed(11)
+    u = torch.zeros(dh)
+    u[0] = 3.0
+    k = u + 0.3 * torch.randn(B, Hkv, T, dh, generator=g)
+    v = torch.randn(B, Hkv, T, dh, generator=g)
+    ramp = torch.cat([torch.full((12,), -25.0), torch.linspace(-2.0, 2.0, 18), torch.full((15,), 30.0)])
+    q = ramp[:, None] * u / 3.0 + torch.randn(B, H, T, dh, generator=g)
+    scaling = 0.9
+    logits = (q @ k.repeat_interleave(H // Hkv, dim=1).transpose(-1, -2)) * scaling
+    row_max = logits.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf")).amax(-1)
+    assert (row_max[..., :12] < lo).all() and (row_max[..., 30:] > hi).all()
+    assert ((row_max[..., 12:30] > lo) & (row_max[..., 12:30] < hi)).all()
+    for window, sinks in [(None, None), (10, torch.linspace(-1.0, 1.0, H))]:
+        with recording({0}, lengths, 7) as rec:
+            out, _ = census_attention_forward(
+                types.SimpleNamespace(layer_idx=0), q, k, v, None, scaling=scaling,
+                sliding_window=window, s_aux=sinks,
+            )
+        lc = rec.out[0]
+        m = next(iter(rec.work.values())).m[0]  # row maxima kept (exp(S - m)), or 0 (exp(S))
+        assert (m != 0).any() and (m == 0).any() != always_shift  # both kinds of block, or all shifted
+        for b, n in enumerate(lengths):
+            ai = AttnInputs(
+                q=q[b, :, :n], k=repeat_kv(k[b, :, :n], H), v=repeat_kv(v[b, :, :n], H), mask=None,
+                scaling=scaling, sliding_window=window, sink_logits=sinks,
+            )
+            assert torch.allclose(out[b, :n].transpose(0, 1), attention_probs(ai) @ ai.v, atol=1e-5)
+            ref = stats_streaming(ai, min_queries=0)
+            visible = torch.arange(n, 0, -1)
+            if window:
+                visible = visible.clamp_max(window)
+            assert torch.allclose(lc.col_sum[b, :, :n] / visible, ref.alpha, atol=1e-6)
+            assert torch.allclose(lc.row_sum[b, :, :n], ref.row_sum, atol=1e-6)
+            assert torch.equal(lc.top_key[b, :, :n], ref.top_key)
+            # logits of magnitude ~60-90 carry float32 rounding of ~5e-6, which the two paths
+            # round differently (the scale folded into q here): exp passes it on to A
+            assert torch.allclose(lc.top_value[b, :, :n], ref.top_value, atol=2e-5)
