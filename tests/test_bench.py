@@ -15,9 +15,12 @@ KEYS = {"seq_len", "sdpa_s", "naive_s", "streaming_s", "naive_peak_mb", "streami
 @pytest.mark.slow
 def test_bench_json_at_64_tokens(capsys):
     # Three worker processes (sdpa, naive, streaming), each loading the cached model; no cold load.
-    assert main(["bench", "--seq-len", "64", "--format", "json", "--no-cold-load"]) == 0
+    assert main(["bench", "--seq-len", "64", "--format", "json", "--no-cold-load", "--paired", "2"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert KEYS <= set(result)
+    # two alternated rounds in one more process: per-round census / decoder-only sdpa CPU ratios
+    assert len(result["paired_ratios"]) == 2 and all(r > 0 for r in result["paired_ratios"])
+    assert min(result["paired_ratios"]) <= result["census_over_sdpa_decoder_cpu_paired"] <= max(result["paired_ratios"])
     assert result["seq_len"] == 64 and result["model"] == "smollm2-135m"
     assert result["max_abs_diff"] <= 1e-6 and result["max_abs_diff_against"] == "naive"
     assert result["census_vs_capture_max_abs_diff"] <= 1e-6

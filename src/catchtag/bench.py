@@ -51,6 +51,7 @@ import argparse
 import gc
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -236,7 +237,9 @@ def worker(kind: str, name: str, seq_len: int, out: Path, repeat: int = 1) -> di
     import transformers  # noqa: F401  (imports are not part of the load time)
     import nnsight  # noqa: F401
 
-    if kind == "cold":
+    if kind == "paired":
+        result = _paired_rounds(name, seq_len, repeat)
+    elif kind == "cold":
         from .models import REGISTRY, cache_dir_for
 
         if name not in REGISTRY:
@@ -286,6 +289,27 @@ def worker(kind: str, name: str, seq_len: int, out: Path, repeat: int = 1) -> di
     return result
 
 
+def _paired_rounds(name: str, seq_len: int, rounds: int) -> dict:
+    """In one process, `rounds` rounds of (sdpa decoder forward, census forward), alternated, CPU
+    time each: the machine's speed drifts between the separate processes of the other
+    measurements (on the development machine the same sdpa forward at T = 8192 took 46 to 62 s of
+    CPU in one afternoon, more than the effect measured), while within a round both passes meet the
+    same conditions. Returns {"sdpa_decoder_cpu_s": [...], "census_cpu_s": [...], "ratios": [...]}
+    (census / sdpa per round)."""
+    model, _ = _timed_load(name)
+    ids = bench_ids(model, seq_len)
+    run_sdpa_decoder(model, ids[:WARMUP_TOKENS])
+    run_census(model, ids[:WARMUP_TOKENS])
+    sd, ce = [], []
+    for _ in range(max(1, rounds)):
+        for run, times in ((run_sdpa_decoder, sd), (run_census, ce)):
+            start = time.process_time()
+            run(model, ids)
+            times.append(time.process_time() - start)
+    return {"sdpa_decoder_cpu_s": sd, "census_cpu_s": ce, "ratios": [c / s for c, s in zip(ce, sd)],
+            "threads": torch.get_num_threads()}
+
+
 def _spawn(kind: str, name: str, seq_len: int, out: Path, repeat: int, env: dict | None = None) -> dict:
     cmd = [sys.executable, "-m", "catchtag.bench", "--worker", kind, "--model", name,
            "--seq-len", str(seq_len), "--out", str(out), "--repeat", str(repeat)]
@@ -298,8 +322,11 @@ def _spawn(kind: str, name: str, seq_len: int, out: Path, repeat: int, env: dict
 
 
 def run_bench(name: str = "smollm2-135m", seq_len: int = 2048, cold_load: bool = True,
-              repeat: int = 1, progress=None) -> dict:
-    """Every measurement, each in a fresh process, and the comparison of the censuses."""
+              repeat: int = 1, progress=None, paired: int = 0) -> dict:
+    """Every measurement, each in a fresh process, and the comparison of the censuses. With
+    `paired` > 0, also that many alternated rounds of the sdpa decoder forward and the census in
+    one more process (`_paired_rounds`): `census_over_sdpa_decoder_cpu_paired` is the median of the
+    rounds' ratios, `paired_ratios` the ratios."""
     say = progress or (lambda msg: None)
     with tempfile.TemporaryDirectory(prefix="catchtag-bench-") as tmp:
         out = Path(tmp)
@@ -314,6 +341,9 @@ def run_bench(name: str = "smollm2-135m", seq_len: int = 2048, cold_load: bool =
         for kind in kinds:
             say(f"[bench] {kind} at T={seq_len} ...")
             res[kind] = _spawn(kind, name, seq_len, out, repeat)
+        if paired > 0:
+            say(f"[bench] {paired} alternated rounds of the sdpa decoder forward and the census at T={seq_len} ...")
+            res["paired"] = _spawn("paired", name, seq_len, out, paired)
         cold = None
         if cold_load:
             say("[bench] cold load (GGUF conversion into a fresh cache) ...")
@@ -334,7 +364,7 @@ def run_bench(name: str = "smollm2-135m", seq_len: int = 2048, cold_load: bool =
     paths_diff, _ = compare(loaded["capture"], loaded["census"])
     s, c, cp, sd = res[fast], res["census"], res["capture"], res["sdpa"]
     naive = res.get("naive")
-    cached = [r["load_cached_s"] for r in res.values()] + ([cold["load_cached_s"]] if cold else [])
+    cached = [r["load_cached_s"] for r in res.values() if "load_cached_s" in r] + ([cold["load_cached_s"]] if cold else [])
     result = {
         "model": s["model"],
         "seq_len": seq_len,
@@ -376,6 +406,8 @@ def run_bench(name: str = "smollm2-135m", seq_len: int = 2048, cold_load: bool =
         "capture_path_peak_over_stack": cp["peak_mb"] / stack_mb,
         "naive_peak_over_stack": naive["peak_mb"] / stack_mb if naive else None,
         "cached_over_cold": min(cached) / cold["load_gguf_s"] if cold else None,
+        "census_over_sdpa_decoder_cpu_paired": float(statistics.median(res["paired"]["ratios"])) if paired > 0 else None,
+        "paired_ratios": [round(x, 4) for x in res["paired"]["ratios"]] if paired > 0 else None,
         "threads": s["threads"],
         "repeat": repeat,
         "memory_method": s["memory_method"],
@@ -460,6 +492,10 @@ def format_table(r: dict) -> str:
         f"{f(r['sdpa_decoder_cpu_s'], '.3f')} s, census {r['census_cpu_s']:.3f} s: census/sdpa "
         f"{r['census_over_sdpa_cpu']:.2f}, /decoder-only {f(r['census_over_sdpa_decoder_cpu'], '.2f')}",
     ]
+    if r.get("paired_ratios"):
+        lines.append(f"alternated in one process, census/decoder-only sdpa cpu per round: "
+                     f"{', '.join(f'{x:.2f}' for x in r['paired_ratios'])} (median "
+                     f"{r['census_over_sdpa_decoder_cpu_paired']:.2f})")
     if r.get("book_timings"):
         lines += ["", format_book_timings(r["book_timings"])]
     return "\n".join(lines)
@@ -468,7 +504,7 @@ def format_table(r: dict) -> str:
 def main(argv=None) -> int:
     """Worker entry point (`python -m catchtag.bench --worker KIND ...`); users run `catchtag bench`."""
     p = argparse.ArgumentParser(prog="python -m catchtag.bench")
-    p.add_argument("--worker", choices=("sdpa", "naive", "capture", "census", "cold"), required=True)
+    p.add_argument("--worker", choices=("sdpa", "naive", "capture", "census", "cold", "paired"), required=True)
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--out", required=True)

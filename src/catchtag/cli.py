@@ -136,7 +136,8 @@ def cmd_bench(args) -> int:
         print(json.dumps(book, indent=1) if args.format == "json" else format_book_timings(book))
         return 0
     say = (lambda msg: print(msg, file=sys.stderr, flush=True)) if args.format == "table" else None
-    result = run_bench(args.model, args.seq_len, cold_load=not args.no_cold_load, repeat=args.repeat, progress=say)
+    result = run_bench(args.model, args.seq_len, cold_load=not args.no_cold_load, repeat=args.repeat, progress=say,
+                       paired=args.paired)
     print(json.dumps(result, indent=1) if args.format == "json" else format_table(result))
     return 0
 
@@ -194,6 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--format", choices=("json", "table"), default="json", help="output format (default json)")
     b.add_argument("--repeat", type=int, choices=range(1, 11), default=1, metavar="N",
                    help="timed passes per measurement, fastest kept (default 1)")
+    b.add_argument("--paired", type=int, choices=range(0, 11), default=0, metavar="N",
+                   help="also N rounds of the sdpa decoder forward and the census alternated in one process, "
+                        "CPU time (the ratio least sensitive to the machine's drift; default 0: none)")
     b.add_argument("--no-cold-load", action="store_true", help="skip the cold load (GGUF conversion, ~20-60 s)")
     b.add_argument("--book", action="store_true",
                    help="only print the book's per-chapter execution times and their sum (no measurement)")
