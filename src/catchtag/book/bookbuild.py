@@ -405,10 +405,11 @@ def _locked(lock: Path):
 JOBS_ENV = "CATCHTAG_JOBS"
 DEFAULT_JOBS = 2
 # Only orders a build that has no timings.json yet (longest first, so that the longest chapter does
-# not start last): seconds per chapter, one thread each, two at once, in the fresh-clone CI run of
-# 2026-11-29 (2 cores). A build then orders by its own recorded times.
-TYPICAL_SECONDS = {"kvcache": 237, "probing": 163, "reasoning": 78, "tag": 62, "minimal": 57,
-                   "sinks": 43, "qknorm": 37, "catch": 36, "release": 29}
+# not start last): seconds per chapter, one thread each, two at once, warm kernels, in the
+# fresh-clone CI run of 2026-11-29 on commit 1aa502d (2 cores). A build then orders by its own
+# recorded times.
+TYPICAL_SECONDS = {"kvcache": 211, "probing": 133, "reasoning": 70, "minimal": 47, "tag": 40,
+                   "sinks": 24, "qknorm": 23, "catch": 18, "release": 11}
 
 
 def _jobs_arg(text: str) -> int:
