@@ -201,24 +201,31 @@ def test_census_blocks_under_the_logit_budget_share_the_working_memory(monkeypat
             )
             lc = rec.out[layer]
             for b, n in enumerate(lengths):
-                ai = AttnInputs(
-                    q=q[b, :, :n], k=repeat_kv(k[b, :, :n], H), v=repeat_kv(v[b, :, :n], H), mask=None,
-                    scaling=0.4, sliding_window=window, sink_logits=sinks,
-                )
-                assert torch.allclose(out[b, :n].transpose(0, 1), attention_probs(ai) @ ai.v, atol=1e-6)
+                _assert_row_matches_streaming(out, lc, b, n, q, k, v, H, 0.4, window, sinks)
                 assert not out[b, n:].any()  # padding queries: output 0
-                ref = stats_streaming(ai, min_queries=0)
-                visible = torch.arange(n, 0, -1)
-                if window:
-                    visible = visible.clamp_max(window)
-                assert torch.allclose(lc.col_sum[b, :, :n] / visible, ref.alpha, atol=1e-6)
-                assert torch.allclose(lc.row_sum[b, :, :n], ref.row_sum, atol=1e-6)
-                assert torch.equal(lc.top_key[b, :, :n], ref.top_key)
-                assert torch.allclose(lc.top_value[b, :, :n], ref.top_value, atol=1e-6)
                 assert (lc.top_key[b, :, n:] == -1).all() and not lc.col_sum[b, :, n:].any()
         assert len(rec.work) == 2  # one working memory per geometry, reused
         first, second = rec.work.values()
         assert first.q is second.q and first.o is second.o  # the geometries share q, k, v, outputs
+
+
+def _assert_row_matches_streaming(out, lc, b, n, q, k, v, H, scaling, window, sinks,
+                                  out_atol=1e-6, top_value_atol=1e-6):
+    """Prompt b (its first n tokens) of a census layer: the output and the census sums equal
+    attention_probs @ v and stats_streaming of the same attention inputs."""
+    ai = AttnInputs(
+        q=q[b, :, :n], k=repeat_kv(k[b, :, :n], H), v=repeat_kv(v[b, :, :n], H), mask=None,
+        scaling=scaling, sliding_window=window, sink_logits=sinks,
+    )
+    assert torch.allclose(out[b, :n].transpose(0, 1), attention_probs(ai) @ ai.v, atol=out_atol)
+    ref = stats_streaming(ai, min_queries=0)
+    visible = torch.arange(n, 0, -1)
+    if window:
+        visible = visible.clamp_max(window)
+    assert torch.allclose(lc.col_sum[b, :, :n] / visible, ref.alpha, atol=1e-6)
+    assert torch.allclose(lc.row_sum[b, :, :n], ref.row_sum, atol=1e-6)
+    assert torch.equal(lc.top_key[b, :, :n], ref.top_key)
+    assert torch.allclose(lc.top_value[b, :, :n], ref.top_value, atol=top_value_atol)
 
 
 @pytest.mark.parametrize("always_shift", [False, True])
@@ -256,18 +263,7 @@ def test_census_blocks_with_and_without_the_row_maximum_subtracted(monkeypatch, 
         m = next(iter(rec.work.values())).m[0]  # row maxima kept (exp(S - m)), or 0 (exp(S))
         assert (m != 0).any() and (m == 0).any() != always_shift  # both kinds of block, or all shifted
         for b, n in enumerate(lengths):
-            ai = AttnInputs(
-                q=q[b, :, :n], k=repeat_kv(k[b, :, :n], H), v=repeat_kv(v[b, :, :n], H), mask=None,
-                scaling=scaling, sliding_window=window, sink_logits=sinks,
-            )
-            assert torch.allclose(out[b, :n].transpose(0, 1), attention_probs(ai) @ ai.v, atol=1e-5)
-            ref = stats_streaming(ai, min_queries=0)
-            visible = torch.arange(n, 0, -1)
-            if window:
-                visible = visible.clamp_max(window)
-            assert torch.allclose(lc.col_sum[b, :, :n] / visible, ref.alpha, atol=1e-6)
-            assert torch.allclose(lc.row_sum[b, :, :n], ref.row_sum, atol=1e-6)
-            assert torch.equal(lc.top_key[b, :, :n], ref.top_key)
             # logits of magnitude ~60-90 carry float32 rounding of ~5e-6, which the two paths
             # round differently (the scale folded into q here): exp passes it on to A
-            assert torch.allclose(lc.top_value[b, :, :n], ref.top_value, atol=2e-5)
+            _assert_row_matches_streaming(out, lc, b, n, q, k, v, H, scaling, window, sinks,
+                                          out_atol=1e-5, top_value_atol=2e-5)
