@@ -104,24 +104,24 @@ def cmd_sinks(args) -> int:
     return 0
 
 
-def _min_queries(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a query count: use a whole number >= 0, e.g. 10")
-    return value
+def whole_number_arg(minimum: int, message: str):
+    """An argparse `type` that accepts a whole number >= `minimum` and otherwise raises
+    ArgumentTypeError(message.format(text=repr(text))): one checker for every count option."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = minimum - 1
+        if value < minimum:
+            raise argparse.ArgumentTypeError(message.format(text=repr(text)))
+        return value
+
+    return parse
 
 
-def _seq_len(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 8:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a token count: use a whole number >= 8, e.g. 2048")
-    return value
+_min_queries = whole_number_arg(0, "{text} is not a query count: use a whole number >= 0, e.g. 10")
+_seq_len = whole_number_arg(8, "{text} is not a token count: use a whole number >= 8, e.g. 2048")
 
 
 def cmd_bench(args) -> int:

@@ -296,7 +296,7 @@ def execute(name: str, params: dict, force: bool = False) -> tuple[Path, float, 
     out = EXECUTED / f"{name}.ipynb"
     check_chapter_params(name, jupytext.read(md), params)
     key = cache_key(md, params)
-    if not force and out.exists() and _stored_key(out) == key:
+    if not force and _is_current(out, key):
         return out, 0.0, True
     out.parent.mkdir(parents=True, exist_ok=True)
     raw = BUILD / "notebooks" / f"{name}.ipynb"
@@ -413,13 +413,9 @@ TYPICAL_SECONDS = {"kvcache": 211, "probing": 133, "reasoning": 70, "minimal": 4
 
 
 def _jobs_arg(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        n = 0
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of chapters >= 1")
-    return n
+    from catchtag.cli import whole_number_arg
+
+    return whole_number_arg(1, "{text} is not a number of chapters >= 1")(text)
 
 
 def default_jobs() -> int:
@@ -476,10 +472,10 @@ def execute_all(names: list[str], chosen: dict, force: bool, jobs: int = 1) -> l
     `threads_per_chapter(jobs)` torch threads), longest first by their last recorded time. A chapter
     that fails stops the build: the chapters not started are cancelled, those running finish (their
     executed notebooks are kept), then the first failure is raised (one line, its exit status)."""
-    regular = [n for n in names if not is_summary(BOOK / f"{n}.md")]
+    regular = _regular(names)
     summaries = [n for n in names if n not in regular]
     times: list[tuple[str, float, bool]] = []
-    if jobs > 1 and len(regular) > 1:
+    if _in_parallel(regular, jobs):
         times += _execute_parallel(regular, chosen, force, jobs)
     else:
         times += [_execute_logged(n, chosen[n], force) for n in regular]
@@ -487,11 +483,20 @@ def execute_all(names: list[str], chosen: dict, force: bool, jobs: int = 1) -> l
     return times
 
 
+def _regular(names: list[str]) -> list[str]:
+    """The chapters among `names` that are not summary pages (summaries run last, one at a time)."""
+    return [n for n in names if not is_summary(BOOK / f"{n}.md")]
+
+
+def _in_parallel(regular: list[str], jobs: int) -> bool:
+    """Whether `execute_all` runs these (non-summary) chapters in worker processes, `jobs` at once."""
+    return jobs > 1 and len(regular) > 1
+
+
 def kernel_threads(names: list[str], jobs: int) -> int | None:
     """Torch threads of the chapters' kernels as `execute_all` will run them: the parallel build's
     `threads_per_chapter`, else $OMP_NUM_THREADS (None when unset: torch uses every core)."""
-    regular = [n for n in names if not is_summary(BOOK / f"{n}.md")]
-    if jobs > 1 and len(regular) > 1:
+    if _in_parallel(_regular(names), jobs):
         return threads_per_chapter(jobs)
     from catchtag import cores
 
@@ -522,8 +527,12 @@ def warm_up(names: list[str], chosen: dict, force: bool, jobs: int = 1) -> list[
 
 def _up_to_date(name: str, params: dict) -> bool:
     """Whether `execute` would reuse the chapter's executed notebook (same cache key)."""
-    out = EXECUTED / f"{name}.ipynb"
-    return out.exists() and _stored_key(out) == cache_key(BOOK / f"{name}.md", params)
+    return _is_current(EXECUTED / f"{name}.ipynb", cache_key(BOOK / f"{name}.md", params))
+
+
+def _is_current(out: Path, key: str) -> bool:
+    """Whether the executed notebook `out` exists and was executed under cache key `key`."""
+    return out.exists() and _stored_key(out) == key
 
 
 def _registry_models(names: list[str], chosen: dict) -> list[str]:
