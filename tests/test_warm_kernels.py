@@ -21,6 +21,10 @@ from _chapters import ROOT, tiny_chapter
 # load: the same weights and the same logits, bit for bit.
 PROBE = """
 import json, os, sys
+from ipykernel.kernelapp import IPKernelApp
+app = IPKernelApp.instance()
+# the kernel polls the process that started it, and exits when that process is gone
+watched = app.parent_handle == os.getppid() and app.poller is not None
 warm = "torch" in sys.modules and "transformers" in sys.modules
 from catchtag import models
 preloaded = (model, "float32", "auto", True) in models._PRELOADED
@@ -34,7 +38,7 @@ with torch.no_grad():
     same_logits = torch.equal(first.hf(ids).logits, second.hf(ids).logits)
 out = dict(warm=warm, preloaded=preloaded, same_weights=same_weights, same_logits=same_logits,
            threads=torch.get_num_threads(), omp=os.environ.get("OMP_NUM_THREADS"),
-           session=os.getsid(0) == os.getpid())
+           session=os.getsid(0) == os.getpid(), watched=watched)
 open(os.path.join(REPORT, NAME + ".json"), "w").write(json.dumps(out))
 """
 
@@ -62,6 +66,7 @@ def _run_tiny_book(tmp_path, *extra, env_extra=None):
     out = subprocess.run([sys.executable, "-c", DRIVER, str(book), *extra], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
+    assert "To connect another client" not in out.stdout + out.stderr  # the `ipython kernel` banner
     return {n: json.loads((report / f"{n}.json").read_text()) for n in ("a", "b")}
 
 
@@ -70,7 +75,7 @@ def test_the_build_forks_warm_kernels_that_see_what_a_fresh_load_gives(tmp_path)
     for name, r in got.items():
         assert r["warm"] and r["preloaded"], (name, r)
         assert r["same_weights"] and r["same_logits"], (name, r)
-        assert r["threads"] == 1 and r["omp"] == "1" and r["session"], (name, r)
+        assert r["threads"] == 1 and r["omp"] == "1" and r["session"] and r["watched"], (name, r)
 
 
 def test_cold_kernels_on_request(tmp_path):
@@ -80,7 +85,7 @@ def test_cold_kernels_on_request(tmp_path):
         got = _run_tiny_book(folder, *extra, env_extra=env)
         for name, r in got.items():
             assert not r["warm"] and not r["preloaded"], (name, r)
-            assert r["same_weights"] and r["same_logits"] and r["threads"] == 1, (name, r)
+            assert r["same_weights"] and r["same_logits"] and r["threads"] == 1 and r["watched"], (name, r)
 
 
 def test_a_process_that_has_imported_torch_never_forks_kernels(monkeypatch):

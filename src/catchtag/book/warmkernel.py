@@ -152,6 +152,11 @@ def _run_kernel(argv: list[str], env: dict, cwd) -> None:
             del sys.path[0]  # as ipykernel_launcher does (added back by the shell)
         from ipykernel import kernelapp
 
+        # The trait's default reads $JPY_PARENT_PID when ipykernel is imported, which was in the
+        # build process, before the variable was set: pass it, so that the kernel polls its
+        # parent (and exits when it is gone) and prints no "ipython kernel" banner.
+        if env.get("JPY_PARENT_PID"):
+            argv = [*argv, f"--IPKernelApp.parent_handle={int(env['JPY_PARENT_PID'])}"]
         kernelapp.IPKernelApp.launch_instance(argv=argv)
         code = 0
     except SystemExit as exc:
