@@ -280,6 +280,22 @@ def test_full_pass_cache_is_every_budget_prefix():
         kv.cache_prefix(pre, 13)
 
 
+def test_nll_is_minus_log_softmax_at_the_next_token():
+    # Gemma-3's vocabulary size, a row count that is no multiple of the logsumexp block, logits of
+    # both layouts ((T, V) and (T - start, V)); the one-row tail of the last budget has no rows.
+    # Within 5e-6 nats of float64 (a float32 log_softmax over 262k words is off by up to 3.6e-5 here)
+    g = torch.Generator().manual_seed(0)
+    T, V, start = 2 * kv.NLL_ROWS + 5, 262144, 3
+    logits = torch.randn(T, V, generator=g) * 4
+    ids = torch.randint(0, V, (T,), generator=g).tolist()
+    ref = -torch.log_softmax(logits[start:-1].double(), -1).gather(1, torch.tensor(ids[start + 1:]).view(-1, 1))[:, 0]
+    for layout in (logits, logits[start:]):
+        got = kv.nll(layout, ids, start)
+        assert got.shape == (T - start - 1,) and got.dtype == torch.float32
+        assert torch.allclose(got.double(), ref, rtol=0, atol=5e-6)
+    assert kv.nll(logits[-1:], ids, T - 1).shape == (0,)
+
+
 def test_first_difference():
     a = torch.tril(torch.ones(6, 6, dtype=torch.bool))
     b = a.clone()

