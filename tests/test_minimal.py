@@ -193,3 +193,26 @@ def test_seed_table_transition_and_eps_counts():
     t = seed_table(runs, 12)
     assert bool(t.loc[0, "ctr"]) and t.loc[0, "transition"] == 200
     assert eps_counts(runs, 12, [0.2, 0.5]) == {0.2: 1, 0.5: 1}
+
+
+def _killed(job):
+    import os
+    import signal
+
+    if job == 1:
+        os.kill(os.getpid(), signal.SIGKILL)  # as the kernel's out-of-memory killer would
+    return job
+
+
+def test_a_killed_worker_is_one_clear_error():
+    import multiprocessing as mp
+
+    from catchtag.errors import CatchtagError
+    from catchtag.minimal import map_runs
+
+    if "fork" not in mp.get_all_start_methods():
+        pytest.skip("needs fork (the test's job function lives in the test module)")
+    assert map_runs(_killed, [0, 2], workers=2) == [0, 2]
+    with pytest.raises(CatchtagError) as exc:
+        map_runs(_killed, [0, 1, 2], workers=2)
+    assert "\n" not in str(exc.value) and "workers=1" in str(exc.value)

@@ -779,9 +779,17 @@ def map_runs(fn, jobs: list, workers: int | None = None) -> list:
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
 
+    from concurrent.futures.process import BrokenProcessPool
+
     ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-        return list(pool.map(partial(_one_thread, fn), jobs))
+    try:
+        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+            return list(pool.map(partial(_one_thread, fn), jobs))
+    except BrokenProcessPool:
+        from .errors import CatchtagError
+
+        raise CatchtagError(f"a worker process of {workers} died before its runs finished (killed, or out of "
+                            "memory?): run them in this process with workers=1 (a chapter: OMP_NUM_THREADS=1)") from None
 
 
 def train_many(jobs: list[dict], workers: int | None = None) -> list:
