@@ -59,6 +59,20 @@ def test_peak_rss_sees_a_large_allocation():
         buf.write(b"\1" * size)
         buf.close()
     assert mem.extra_mb > 48
+    if mem.method.startswith("VmHWM"):  # Linux: the kernel's mark, and no sampling thread to slow the pass
+        assert mem._thread is None
+
+
+def test_peak_rss_samples_where_the_high_water_mark_cannot_be_reset(monkeypatch):
+    import mmap
+
+    monkeypatch.setattr(bench, "_reset_hwm", lambda: False)
+    size = 64 * 2**20
+    with bench.PeakRSS() as mem:
+        buf = mmap.mmap(-1, size)
+        buf.write(b"\1" * size)
+    buf.close()
+    assert mem.method == "rss sampled every 5 ms" and mem.extra_mb > 48 and not mem._thread.is_alive()
 
 
 @pytest.mark.parametrize("argv, needle", [
