@@ -129,9 +129,9 @@ def _hwm() -> int | None:
 class PeakRSS:
     """Peak RSS increase over the block, in MiB (`extra_mb`): the kernel's high-water mark (VmHWM,
     reset on entry through /proc/self/clear_refs), or, where that cannot be reset, the resident
-    set sampled every 5 ms by a thread. The sampling thread costs the measured pass about 5% of CPU
-    (measured on the census and on the sdpa forward at T = 2048), so it runs only when it must:
-    `method` says which was used."""
+    set sampled every 5 ms by a thread. The sampling thread cost the measured pass 2-9% of CPU
+    (the census and the sdpa forward at T = 2048 and 8192, alternated with and without it), so it
+    runs only when it must: `method` says which was used."""
 
     def __init__(self, interval: float = 0.005):
         self.interval = interval
