@@ -788,7 +788,7 @@ def map_runs(fn, jobs: list, workers: int | None = None) -> list:
     except BrokenProcessPool:
         from .errors import CatchtagError
 
-        raise CatchtagError(f"a worker process of {workers} died before its runs finished (killed, or out of "
+        raise CatchtagError(f"one of {workers} worker processes died before its runs finished (killed, or out of "
                             "memory?): run them in this process with workers=1 (a chapter: OMP_NUM_THREADS=1)") from None
 
 

@@ -423,9 +423,10 @@ def default_jobs() -> int:
     >= 1, else a one-line error), else DEFAULT_JOBS capped by the cores this process may use."""
     text = os.environ.get(JOBS_ENV, "").strip()
     if text:
-        if not text.isdigit() or int(text) < 1:
-            raise ChapterFailed(f"${JOBS_ENV}={text!r} is not valid: set a whole number of chapters >= 1", 2)
-        return int(text)
+        try:
+            return _jobs_arg(text)
+        except argparse.ArgumentTypeError:
+            raise ChapterFailed(f"${JOBS_ENV}={text!r} is not valid: set a whole number of chapters >= 1", 2) from None
     return max(1, min(DEFAULT_JOBS, _cores()))
 
 
