@@ -778,7 +778,6 @@ def map_runs(fn, jobs: list, workers: int | None = None) -> list:
         return [_one_thread(fn, j) for j in jobs]
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
-
     from concurrent.futures.process import BrokenProcessPool
 
     ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
