@@ -27,16 +27,17 @@ app = IPKernelApp.instance()
 watched = app.parent_handle == os.getppid() and app.poller is not None
 warm = "torch" in sys.modules and "transformers" in sys.modules
 from catchtag import models
-preloaded = (model, "float32", "auto", True) in models._PRELOADED
+preloaded = models._default_preload_key(model) in models._PRELOADED
 import torch
 first = models.load_model(model)
+handed_out = preloaded and models._default_preload_key(model) not in models._PRELOADED  # load_model took it
 second = models.load_model(model)   # the preloaded one is handed out once: this one is loaded anew
 a, b = first.hf.state_dict(), second.hf.state_dict()
 same_weights = first is not second and a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 ids = first.tokenizer("The capital of France is Paris.", return_tensors="pt").input_ids
 with torch.no_grad():
     same_logits = torch.equal(first.hf(ids).logits, second.hf(ids).logits)
-out = dict(warm=warm, preloaded=preloaded, same_weights=same_weights, same_logits=same_logits,
+out = dict(warm=warm, preloaded=preloaded, handed_out=handed_out, same_weights=same_weights, same_logits=same_logits,
            threads=torch.get_num_threads(), omp=os.environ.get("OMP_NUM_THREADS"),
            session=os.getsid(0) == os.getpid(), watched=watched)
 open(os.path.join(REPORT, NAME + ".json"), "w").write(json.dumps(out))
@@ -73,7 +74,7 @@ def _run_tiny_book(tmp_path, *extra, env_extra=None):
 def test_the_build_forks_warm_kernels_that_see_what_a_fresh_load_gives(tmp_path):
     got = _run_tiny_book(tmp_path)
     for name, r in got.items():
-        assert r["warm"] and r["preloaded"], (name, r)
+        assert r["warm"] and r["preloaded"] and r["handed_out"], (name, r)
         assert r["same_weights"] and r["same_logits"], (name, r)
         assert r["threads"] == 1 and r["omp"] == "1" and r["session"] and r["watched"], (name, r)
 

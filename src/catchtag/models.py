@@ -576,7 +576,7 @@ def load_model(
                 f"model {name!r} is an offline GGUF checkpoint that NDIF does not host: use a "
                 "Hugging Face id with remote=True, or remote='local' for an offline dry run"
             )
-        ready = _PRELOADED.pop((name, dtype, attn_implementation, use_cache), None)
+        ready = _PRELOADED.pop(_preload_key(name, dtype, attn_implementation, use_cache), None)
         if ready is not None:
             return ready
         spec = REGISTRY[name]
@@ -592,6 +592,19 @@ def load_model(
 _PRELOADED: dict[tuple, Model] = {}
 
 
+def _preload_key(name: str, dtype: str, attn_implementation: str, use_cache: bool) -> tuple:
+    return (name, dtype, attn_implementation, use_cache)
+
+
+def _default_preload_key(name: str) -> tuple:
+    """The key of a `load_model(name)` call with every other argument left at its default, read
+    from `load_model`'s signature so that the two cannot drift apart."""
+    import inspect
+
+    defaults = {k: p.default for k, p in inspect.signature(load_model).parameters.items()}
+    return _preload_key(name, defaults["dtype"], defaults["attn_implementation"], defaults["use_cache"])
+
+
 def preload(names) -> list[str]:
     """Load the registry models among `names` (default arguments) and keep each for the first
     `load_model` call with those arguments, which gets it instead of loading again (once: a later
@@ -600,7 +613,7 @@ def preload(names) -> list[str]:
     cannot be loaded is skipped. Returns the names preloaded, in order."""
     done = []
     for name in dict.fromkeys(n for n in names if isinstance(n, str) and n in REGISTRY):
-        key = (name, "float32", "auto", True)
+        key = _default_preload_key(name)
         if key not in _PRELOADED:
             try:
                 _PRELOADED[key] = load_model(name)
