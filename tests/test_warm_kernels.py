@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 from catchtag.book import warmkernel
 
@@ -25,6 +28,7 @@ from ipykernel.kernelapp import IPKernelApp
 app = IPKernelApp.instance()
 # the kernel polls the process that started it, and exits when that process is gone
 watched = app.parent_handle == os.getppid() and app.poller is not None
+transport = app.transport   # "ipc": the build's kernel manager asks for Unix sockets, not TCP
 warm = "torch" in sys.modules and "transformers" in sys.modules
 from catchtag import models
 preloaded = models._default_preload_key(model) in models._PRELOADED
@@ -39,7 +43,7 @@ with torch.no_grad():
     same_logits = torch.equal(first.hf(ids).logits, second.hf(ids).logits)
 out = dict(warm=warm, preloaded=preloaded, handed_out=handed_out, same_weights=same_weights, same_logits=same_logits,
            threads=torch.get_num_threads(), omp=os.environ.get("OMP_NUM_THREADS"),
-           session=os.getsid(0) == os.getpid(), watched=watched)
+           session=os.getsid(0) == os.getpid(), watched=watched, transport=transport)
 open(os.path.join(REPORT, NAME + ".json"), "w").write(json.dumps(out))
 """
 
@@ -47,6 +51,7 @@ open(os.path.join(REPORT, NAME + ".json"), "w").write(json.dumps(out))
 # imported, as `python -m catchtag.book.bookbuild` would run it).
 DRIVER = """
 import sys
+import tempfile
 from pathlib import Path
 from catchtag.book import bookbuild as b
 b.BOOK = Path(sys.argv[1])
@@ -56,18 +61,29 @@ b.main(["--chapter", "a", "--chapter", "b", "--force", "--no-html", "--jobs", "2
 
 
 def _run_tiny_book(tmp_path, *extra, env_extra=None):
+    # a temporary directory of its own with a short path (pytest's are too long for a socket path)
+    sockets = Path(tempfile.mkdtemp(prefix="ck"))
+    try:
+        return _run_tiny_book_in(tmp_path, sockets, *extra, env_extra=env_extra)
+    finally:
+        shutil.rmtree(sockets, ignore_errors=True)
+
+
+def _run_tiny_book_in(tmp_path, sockets, *extra, env_extra=None):
     book = tmp_path / "book"
     report = tmp_path / "report"
     report.mkdir()
     for name in ("a", "b"):
         tiny_chapter(book, name, f"REPORT, NAME = {str(report)!r}, {name!r}", PROBE)
-    env = {**os.environ, "CATCHTAG_BUILD": str(tmp_path / "build"), "CATCHTAG_RESULTS": str(tmp_path / "results")}
+    env = {**os.environ, "TMPDIR": str(sockets), "CATCHTAG_BUILD": str(tmp_path / "build"), "CATCHTAG_RESULTS": str(tmp_path / "results")}
     env.pop("OMP_NUM_THREADS", None)
     env.update(env_extra or {})
     out = subprocess.run([sys.executable, "-c", DRIVER, str(book), *extra], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "To connect another client" not in out.stdout + out.stderr  # the `ipython kernel` banner
+    assert "without encryption" not in out.stdout + out.stderr  # ipykernel's warning for TCP
+    assert not list(sockets.glob("catchtag-kernel-*")), "a kernel's socket folder outlived the build"
     return {n: json.loads((report / f"{n}.json").read_text()) for n in ("a", "b")}
 
 
@@ -77,6 +93,7 @@ def test_the_build_forks_warm_kernels_that_see_what_a_fresh_load_gives(tmp_path)
         assert r["warm"] and r["preloaded"] and r["handed_out"], (name, r)
         assert r["same_weights"] and r["same_logits"], (name, r)
         assert r["threads"] == 1 and r["omp"] == "1" and r["session"] and r["watched"], (name, r)
+        assert r["transport"] == "ipc", (name, r)
 
 
 def test_cold_kernels_on_request(tmp_path):
@@ -87,6 +104,7 @@ def test_cold_kernels_on_request(tmp_path):
         for name, r in got.items():
             assert not r["warm"] and not r["preloaded"], (name, r)
             assert r["same_weights"] and r["same_logits"] and r["threads"] == 1 and r["watched"], (name, r)
+            assert r["transport"] == "ipc", (name, r)
 
 
 def test_a_process_that_has_imported_torch_never_forks_kernels(monkeypatch):
@@ -142,3 +160,21 @@ def test_warm_kernels_only_where_each_kernel_runs_one_thread(tmp_path, monkeypat
     # the chapters' registry models, from their declared defaults and the overrides
     assert bookbuild._registry_models(["a", "b"], {"a": {}, "b": {"model": "gemma3-270m"}}) == [
         "smollm2-135m", "", "gemma3-270m"]
+
+
+def test_kernel_sockets_fall_back_to_tcp_where_a_unix_socket_path_would_be_too_long(tmp_path, monkeypatch):
+    short = Path(tempfile.mkdtemp(prefix="ck"))
+    try:
+        monkeypatch.setattr("tempfile.tempdir", None)   # read $TMPDIR again
+        monkeypatch.setenv("TMPDIR", str(short))
+        prefix = warmkernel._ipc_prefix()
+        assert prefix is not None and prefix.startswith(str(short)) and len(prefix.encode()) <= 90
+        assert oct(os.stat(os.path.dirname(prefix)).st_mode & 0o777) == "0o700"
+    finally:
+        shutil.rmtree(short, ignore_errors=True)
+    deep = tmp_path / ("d" * 100)
+    deep.mkdir()
+    monkeypatch.setattr("tempfile.tempdir", None)
+    monkeypatch.setenv("TMPDIR", str(deep))
+    assert warmkernel._ipc_prefix() is None   # the kernel manager then keeps TCP
+    assert not list(deep.iterdir())           # and no folder is left behind

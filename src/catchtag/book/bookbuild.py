@@ -315,12 +315,12 @@ def execute(name: str, params: dict, force: bool = False) -> tuple[Path, float, 
     start = time.time()
     from catchtag.book import warmkernel
 
-    # a kernel forked from this process, which has imported the library and loaded the models
-    warm = {"kernel_manager_class": warmkernel.kernel_manager_class()} if warmkernel.ready() else {}
+    # warm: a kernel forked from this process, which has imported the library and loaded the models
+    manager = warmkernel.kernel_manager_class(warm=warmkernel.ready())
     try:
         pm.execute_notebook(
             str(raw), str(tmp), parameters=params, kernel_name="python3", cwd=str(BOOK),
-            progress_bar=False, log_output=False, **warm,
+            progress_bar=False, log_output=False, kernel_manager_class=manager,
         )
     except pm.PapermillExecutionError as exc:
         tmp.unlink(missing_ok=True)

@@ -5,7 +5,7 @@ A cold chapter kernel spends ~15 s of CPU before its first computation: starting
 importing torch, transformers, nnsight, scikit-learn and pandas (~6 s), and loading both offline
 models (~5 s each, Gemma-3's 262k-word tokenizer ~3 s of it), for every chapter. The book build
 instead does this once (`prepare`) and starts each chapter's kernel with `os.fork()` from that
-process (`ForkingKernelManager`, passed to papermill as its `kernel_manager_class`): the kernel is
+process (`kernel_manager_class`, passed to papermill as its `kernel_manager_class`): the kernel is
 the same ipykernel, speaking the same protocol, and inherits the imported modules and the loaded
 models (copy-on-write: a chapter that changes a model, e.g. fine-tunes it, changes its own copy).
 
@@ -22,7 +22,8 @@ other core busy; libgomp's pool created after the fork; not explained further). 
 is not imported before the fork (ipykernel chooses its inline backend at start).
 
 `$CATCHTAG_WARM=0` (or `bookbuild --cold`) starts every kernel as a new process instead.
-Where `os.fork` does not exist (Windows) kernels are always cold.
+Where `os.fork` does not exist (Windows) kernels are always cold. Warm or cold, a chapter's kernel
+talks to the build over Unix sockets in a private folder, not over TCP (`kernel_manager_class`).
 """
 
 from __future__ import annotations
@@ -201,17 +202,53 @@ def _provisioner_class():
     return ForkingProvisioner
 
 
-def kernel_manager_class():
-    """An AsyncKernelManager whose kernels are forked from this process (`ForkingProvisioner`)."""
+# Unix socket paths are limited to 107 bytes (sun_path); a prefix this long leaves room for "-5"
+_MAX_IPC_PREFIX = 90
+
+
+def _ipc_prefix() -> str | None:
+    """A path prefix for one kernel's sockets (jupyter_client adds "-1" .. "-5") in a new private
+    folder under the temporary directory (mode 0700), which the kernel's manager removes when the
+    kernel shuts down; None where Unix sockets do not exist (Windows) or that path would be too long
+    for one (the kernel then stays on TCP)."""
+    import shutil
+    import tempfile
+
+    if os.name != "posix":
+        return None
+    folder = tempfile.mkdtemp(prefix="catchtag-kernel-")
+    prefix = os.path.join(folder, "k")
+    if len(prefix.encode()) > _MAX_IPC_PREFIX:
+        shutil.rmtree(folder, ignore_errors=True)
+        return None
+    return prefix
+
+
+def kernel_manager_class(warm: bool = True):
+    """The AsyncKernelManager of a chapter's kernel (passed to papermill as its
+    `kernel_manager_class`): forked from this process when `warm` (`ForkingProvisioner`), else
+    started as a new process. Either way the kernel speaks over Unix sockets in a private folder
+    (`_ipc_prefix`) rather than over TCP on localhost: no port is open to other local users, and
+    ipykernel does not warn, once per chapter, that its TCP traffic is unencrypted."""
     from jupyter_client import AsyncKernelManager
 
-    provisioner = _provisioner_class()
+    provisioner = _provisioner_class() if warm else None
 
-    class ForkingKernelManager(AsyncKernelManager):
+    class ChapterKernelManager(AsyncKernelManager):
         async def _async_pre_start_kernel(self, **kw):
+            if self.transport == "tcp" and (prefix := _ipc_prefix()) is not None:
+                self.transport, self.ip = "ipc", prefix  # before the connection file is written
             cmd, kw = await super()._async_pre_start_kernel(**kw)
-            if type(self.provisioner).__name__ == "LocalProvisioner":
+            if provisioner is not None and type(self.provisioner).__name__ == "LocalProvisioner":
                 self.provisioner.__class__ = provisioner
             return cmd, kw
 
-    return ForkingKernelManager
+        async def _async_cleanup_resources(self, restart: bool = False) -> None:
+            await super()._async_cleanup_resources(restart=restart)  # removes the socket files
+            if not restart and self.transport == "ipc":
+                import shutil
+
+                shutil.rmtree(os.path.dirname(self.ip), ignore_errors=True)
+
+    ChapterKernelManager.__name__ = "ForkingKernelManager" if warm else "ChapterKernelManager"
+    return ChapterKernelManager
