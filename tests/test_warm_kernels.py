@@ -15,6 +15,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import pytest
+
 from catchtag.book import warmkernel
 
 from _chapters import ROOT, tiny_chapter
@@ -53,6 +55,8 @@ DRIVER = """
 import sys
 import tempfile
 from pathlib import Path
+
+import pytest
 from catchtag.book import bookbuild as b
 b.BOOK = Path(sys.argv[1])
 b.chapters_in_toc = lambda: ["a", "b"]
@@ -178,3 +182,45 @@ def test_kernel_sockets_fall_back_to_tcp_where_a_unix_socket_path_would_be_too_l
     monkeypatch.setenv("TMPDIR", str(deep))
     assert warmkernel._ipc_prefix() is None   # the kernel manager then keeps TCP
     assert not list(deep.iterdir())           # and no folder is left behind
+
+
+def test_a_kernels_socket_folder_survives_a_restart_and_goes_when_it_stops_or_dies():
+    """Cold kernels (a new process; a test session may not fork, see above): the folder holds the
+    sockets across a restart, and is removed both by a shutdown and by the cleanup nbclient runs
+    after a kernel died (`cleanup_resources`, which AsyncKernelManager binds to its own function)."""
+    import asyncio
+
+    async def run():
+        folders = []
+        for died in (False, True):
+            km = warmkernel.kernel_manager_class(warm=False)(kernel_name="python3")
+            await km.start_kernel()
+            folder = os.path.dirname(km.ip)
+            folders.append(folder)
+            try:
+                assert km.transport == "ipc" and os.path.isdir(folder)
+                if not died:
+                    await km.restart_kernel()
+                    client = km.client()
+                    client.start_channels()
+                    await client.wait_for_ready(timeout=60)   # the new kernel answers over the same sockets
+                    client.stop_channels()
+                    assert os.path.exists(f"{km.ip}-1")
+                    await km.shutdown_kernel(now=True)
+                else:
+                    os.kill(km.provisioner.pid, signal.SIGKILL)
+                    for _ in range(100):
+                        if not await km.is_alive():
+                            break
+                        await asyncio.sleep(0.05)
+                    await km.cleanup_resources()
+                assert not os.path.exists(folder), ("dead" if died else "stopped", folder)
+            finally:
+                if await km.is_alive():
+                    await km.shutdown_kernel(now=True)
+                shutil.rmtree(folder, ignore_errors=True)
+        return folders
+
+    if len(tempfile.gettempdir()) > 60:
+        pytest.skip("this machine's temporary folder is too deep for a Unix socket path")
+    asyncio.run(run())

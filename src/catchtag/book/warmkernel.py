@@ -227,17 +227,24 @@ def _ipc_prefix() -> str | None:
 def kernel_manager_class(warm: bool = True):
     """The AsyncKernelManager of a chapter's kernel (passed to papermill as its
     `kernel_manager_class`): forked from this process when `warm` (`ForkingProvisioner`), else
-    started as a new process. Either way the kernel speaks over Unix sockets in a private folder
-    (`_ipc_prefix`) rather than over TCP on localhost: no port is open to other local users, and
-    ipykernel does not warn, once per chapter, that its TCP traffic is unencrypted."""
+    started as a new process. Either way the kernel's five channels (shell, iopub, stdin, control,
+    heartbeat) are Unix sockets in a private folder (`_ipc_prefix`) rather than TCP ports on
+    localhost, so ipykernel does not warn, once per chapter, that its TCP traffic is unencrypted.
+    The manager removes the folder when it cleans up after the kernel (stopped or dead); a build
+    killed outright (SIGKILL) leaves it, as it leaves jupyter_client's connection file."""
+    import shutil
+
     from jupyter_client import AsyncKernelManager
 
     provisioner = _provisioner_class() if warm else None
 
     class ChapterKernelManager(AsyncKernelManager):
+        _socket_folder: str | None = None  # made by this manager, for this kernel
+
         async def _async_pre_start_kernel(self, **kw):
             if self.transport == "tcp" and (prefix := _ipc_prefix()) is not None:
                 self.transport, self.ip = "ipc", prefix  # before the connection file is written
+                self._socket_folder = os.path.dirname(prefix)
             cmd, kw = await super()._async_pre_start_kernel(**kw)
             if provisioner is not None and type(self.provisioner).__name__ == "LocalProvisioner":
                 self.provisioner.__class__ = provisioner
@@ -245,10 +252,13 @@ def kernel_manager_class(warm: bool = True):
 
         async def _async_cleanup_resources(self, restart: bool = False) -> None:
             await super()._async_cleanup_resources(restart=restart)  # removes the socket files
-            if not restart and self.transport == "ipc":
-                import shutil
+            if not restart and self._socket_folder is not None:
+                shutil.rmtree(self._socket_folder, ignore_errors=True)
+                self._socket_folder = None
 
-                shutil.rmtree(os.path.dirname(self.ip), ignore_errors=True)
+        # AsyncKernelManager binds `cleanup_resources` (what nbclient calls after a kernel died) to
+        # the base class's function itself, not to a method looked up on the instance
+        cleanup_resources = _async_cleanup_resources
 
     ChapterKernelManager.__name__ = "ForkingKernelManager" if warm else "ChapterKernelManager"
     return ChapterKernelManager
