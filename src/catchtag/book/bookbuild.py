@@ -15,7 +15,9 @@ against the chapter's parameters cell by `catchtag.book.params.check_params` bef
 a CatchtagError raised in a cell) is one line on stderr and exit status 2; any other failing cell
 is one line and exit status 1. Nothing partial is left in place: papermill writes the executed
 notebook into `_build/executed/.partial/`, and it is renamed into place only when complete, so a
-build killed mid-run leaves the previous executed notebook or none. `$CATCHTAG_BUILD` moves the
+build killed mid-run leaves the previous executed notebook or none. Ctrl-C (exit status 130) and
+SIGTERM to the build process (143) stop the running chapters within seconds: their kernels are shut
+down, and a parallel build's workers get the signal as SIGINT. `$CATCHTAG_BUILD` moves the
 executed notebooks and staging out of `_build` (tests use it).
 
 Three additions for the published book. Each chapter's notebook gets a first cell (tagged
@@ -560,19 +562,41 @@ def _execute_parallel(names, chosen, force, jobs):
     times, failure = [], None
     with ProcessPoolExecutor(max_workers=min(jobs, len(order)), mp_context=ctx) as pool:
         futures = [pool.submit(_execute_in_worker, n, chosen[n], force, threads) for n in order]
-        for future in as_completed(futures):
-            if future.cancelled():  # not started: a chapter failed before
-                continue
-            try:
-                times.append(future.result())
-            except ChapterFailed as exc:
-                if failure is None:
-                    failure = exc
-                    for f in futures:
-                        f.cancel()
+        try:
+            for future in as_completed(futures):
+                if future.cancelled():  # not started: a chapter failed before
+                    continue
+                try:
+                    times.append(future.result())
+                except ChapterFailed as exc:
+                    if failure is None:
+                        failure = exc
+                        for f in futures:
+                            f.cancel()
+        except Terminated:
+            # SIGTERM reached this process only (Ctrl-C reaches the workers too): pass it on as
+            # SIGINT, which stops a worker's chapter as Ctrl-C does, before the pool waits for them
+            _stop_workers(pool, futures)
+            raise
     if failure is not None:
         raise failure
     return times
+
+
+def _stop_workers(pool, futures) -> None:
+    """Cancel the chapters not started and send SIGINT to the pool's worker processes: nbclient
+    then shuts the running chapters' kernels down and each chapter fails without keeping anything
+    (see `execute`)."""
+    import signal
+
+    for f in futures:
+        f.cancel()
+    # concurrent.futures keeps its worker processes in `_processes` (pid -> Process); no public API
+    for pid in list(getattr(pool, "_processes", None) or {}):
+        try:
+            os.kill(pid, signal.SIGINT)
+        except ProcessLookupError:
+            pass
 
 
 def stage(names: list[str]) -> None:
@@ -647,15 +671,32 @@ def build_html() -> None:
         raise SystemExit("jupyter-book build failed (see the warnings above)")
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the build's main thread so that the build unwinds as it does for Ctrl-C
+    (running chapters stopped, their kernels shut down, nothing half-written kept)."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
 def main(argv=None) -> None:
+    import signal
+
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         _main(argv)
     except ChapterFailed as exc:
         print(f"error: {exc.message}", file=sys.stderr)
         raise SystemExit(exc.status) from None
+    except Terminated:
+        print("error: terminated (SIGTERM); the chapters that were running were stopped", file=sys.stderr)
+        raise SystemExit(128 + signal.SIGTERM) from None
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         raise SystemExit(130) from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _main(argv=None) -> None:
