@@ -1,4 +1,4 @@
-"""Stopping a book build: Ctrl-C (SIGINT to the build's process group, as a terminal sends it) and
+"""Stopping a book build, and a chapter whose kernel dies: Ctrl-C (SIGINT to the build's process group, as a terminal sends it) and
 SIGTERM to the build process alone (`kill PID`, a CI runner, `timeout`) stop the running chapters
 within seconds, with one line and the shell's status (130, 143), no kernel or worker left running,
 no executed notebook and no kernel socket folder left behind."""
@@ -77,6 +77,7 @@ def test_a_stopped_build_stops_its_chapters_and_leaves_nothing(tmp_path, jobs, s
         out, err = proc.communicate(timeout=60)
         assert proc.returncode == status, err[-2000:]
         assert err.strip().splitlines()[-1].startswith(f"error: {words}"), err[-2000:]
+        assert "Traceback" not in err, err[-3000:]
         gone = [p for r in pids for p in (r["pid"], r["ppid"])]
         for _ in range(50):
             if not any(_alive(p) for p in gone):
@@ -89,3 +90,24 @@ def test_a_stopped_build_stops_its_chapters_and_leaves_nothing(tmp_path, jobs, s
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
         shutil.rmtree(sockets, ignore_errors=True)
+
+
+def test_a_chapter_whose_kernel_dies_is_one_line(tmp_path):
+    book = tmp_path / "book"
+    for name in ("a", "b"):
+        tiny_chapter(book, name, "import os, signal\nos.kill(os.getpid(), signal.SIGKILL)  # as the OOM killer would")
+    sockets = Path(tempfile.mkdtemp(prefix="ck"))
+    env = {**os.environ, "TMPDIR": str(sockets), "CATCHTAG_BUILD": str(tmp_path / "build"),
+           "CATCHTAG_RESULTS": str(tmp_path / "results")}
+    env.pop("OMP_NUM_THREADS", None)
+    try:
+        out = subprocess.run([sys.executable, "-c", DRIVER, str(book), "2"], cwd=ROOT, env=env,
+                             capture_output=True, text=True, timeout=300)
+    finally:
+        left = list(sockets.glob("catchtag-kernel-*"))
+        shutil.rmtree(sockets, ignore_errors=True)
+    assert out.returncode == 1, out.stderr[-2000:]
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: chapter ") and "its kernel died" in last and "make chapter CH=" in last, last
+    assert "Traceback" not in out.stderr, out.stderr[-3000:]
+    assert not list((tmp_path / "build").glob("executed/*.ipynb")) and not left

@@ -290,9 +290,12 @@ def execute(name: str, params: dict, force: bool = False) -> tuple[Path, float, 
 
     Raises ChapterFailed (one line; status 2 for bad input) when the parameters are refused or a
     cell fails; the previous executed notebook, if any, is left as it was."""
+    import logging
+
     import jupytext
     import nbformat
     import papermill as pm
+    from nbclient.exceptions import DeadKernelError
 
     md = BOOK / f"{name}.md"
     out = EXECUTED / f"{name}.ipynb"
@@ -322,7 +325,7 @@ def execute(name: str, params: dict, force: bool = False) -> tuple[Path, float, 
     try:
         pm.execute_notebook(
             str(raw), str(tmp), parameters=params, kernel_name="python3", cwd=str(BOOK),
-            progress_bar=False, log_output=False, kernel_manager_class=manager,
+            progress_bar=False, log_output=False, kernel_manager_class=manager, shutdown_kernel="immediate",
         )
     except pm.PapermillExecutionError as exc:
         tmp.unlink(missing_ok=True)
@@ -333,6 +336,15 @@ def execute(name: str, params: dict, force: bool = False) -> tuple[Path, float, 
             "the executed copy is not kept; "
             + ("fix the input and rerun" if bad_input else f"rerun it with `make chapter CH={name}`"),
             2 if bad_input else 1,
+        ) from None
+    except DeadKernelError:
+        tmp.unlink(missing_ok=True)
+        # its cell's task may be collected later with this error unread: asyncio would print it
+        logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+        raise ChapterFailed(
+            f"chapter {name!r}: its kernel died (killed, or out of memory; a build stopped by Ctrl-C or "
+            f"SIGTERM stops its kernels too); the executed copy is not kept; rerun it with "
+            f"`make chapter CH={name}`", 1,
         ) from None
     except BaseException:
         tmp.unlink(missing_ok=True)
