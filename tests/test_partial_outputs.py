@@ -8,12 +8,16 @@ are both written into a `.partial/` folder next to their destination and renamed
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
+from pathlib import Path
 
+from catchtag.book import warmkernel
 from catchtag.book.report import remove_stale_partials, save_results
 
 from _chapters import ROOT, tiny_chapter
@@ -79,7 +83,9 @@ def test_executed_notebook_survives_a_killed_build(tmp_path):
     before = previous.read_bytes()
     script = (f"from pathlib import Path\nfrom catchtag.book import bookbuild\nbookbuild.BOOK = Path({str(book)!r})\n"
               "bookbuild.execute('tiny', {}, force=True)\n")
-    env = {**os.environ, "CATCHTAG_BUILD": str(build), "CATCHTAG_RESULTS": str(tmp_path / "results")}
+    sockets = Path(tempfile.mkdtemp(prefix="ck"))  # the kernel's socket folder goes here (a short path)
+    env = {**os.environ, "CATCHTAG_BUILD": str(build), "CATCHTAG_RESULTS": str(tmp_path / "results"),
+           "TMPDIR": str(sockets)}
     proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     partial_dir = executed / ".partial"
@@ -104,3 +110,14 @@ def test_executed_notebook_survives_a_killed_build(tmp_path):
     assert [p.name for p in partial_dir.iterdir()] == [f"tiny.{proc.pid}.ipynb"]
     assert remove_stale_partials(partial_dir)  # what the next build does first
     assert list(partial_dir.iterdir()) == []
+    # the killed build's kernel socket folder, named after it, goes when the next kernel starts
+    left = [p.name for p in sockets.glob("catchtag-kernel-*")]
+    assert len(left) == 1 and left[0].startswith(f"catchtag-kernel-{proc.pid}-"), left
+    old = tempfile.tempdir
+    try:
+        tempfile.tempdir = str(sockets)
+        assert warmkernel.remove_stale_socket_folders() == [str(sockets / left[0])]
+    finally:
+        tempfile.tempdir = old
+        shutil.rmtree(sockets, ignore_errors=True)
+

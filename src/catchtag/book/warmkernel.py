@@ -206,22 +206,50 @@ def _provisioner_class():
 _MAX_IPC_PREFIX = 90
 
 
+_SOCKET_FOLDER = "catchtag-kernel-"  # + the managing process's pid + "-" + random letters
+
+
 def _ipc_prefix() -> str | None:
     """A path prefix for one kernel's sockets (jupyter_client adds "-1" .. "-5") in a new private
-    folder under the temporary directory (mode 0700), which the kernel's manager removes when the
-    kernel shuts down; None where Unix sockets do not exist (Windows) or that path would be too long
-    for one (the kernel then stays on TCP)."""
+    folder under the temporary directory (mode 0700), named after this process (the kernel's
+    manager), which removes it when the kernel stops; None where Unix sockets do not exist (Windows)
+    or that path would be too long for one (the kernel then stays on TCP). Folders left by managers
+    that are gone (a build killed with SIGKILL) are removed first (`remove_stale_socket_folders`)."""
     import shutil
     import tempfile
 
     if os.name != "posix":
         return None
-    folder = tempfile.mkdtemp(prefix="catchtag-kernel-")
+    remove_stale_socket_folders()
+    folder = tempfile.mkdtemp(prefix=f"{_SOCKET_FOLDER}{os.getpid()}-")
     prefix = os.path.join(folder, "k")
     if len(prefix.encode()) > _MAX_IPC_PREFIX:
         shutil.rmtree(folder, ignore_errors=True)
         return None
     return prefix
+
+
+def remove_stale_socket_folders() -> list[str]:
+    """Delete this user's kernel socket folders in the temporary directory whose managing process
+    is gone; returns them."""
+    import re
+    import shutil
+    import tempfile
+
+    from catchtag.book.report import _alive
+
+    removed = []
+    root = tempfile.gettempdir()
+    for entry in os.scandir(root):
+        m = re.fullmatch(re.escape(_SOCKET_FOLDER) + r"(\d+)-\w+", entry.name)
+        try:
+            mine = m is not None and entry.is_dir(follow_symlinks=False) and entry.stat().st_uid == os.getuid()
+        except OSError:
+            continue
+        if mine and int(m.group(1)) != os.getpid() and not _alive(int(m.group(1))):
+            shutil.rmtree(entry.path, ignore_errors=True)
+            removed.append(entry.path)
+    return removed
 
 
 def kernel_manager_class(warm: bool = True):
@@ -231,7 +259,8 @@ def kernel_manager_class(warm: bool = True):
     heartbeat) are Unix sockets in a private folder (`_ipc_prefix`) rather than TCP ports on
     localhost, so ipykernel does not warn, once per chapter, that its TCP traffic is unencrypted.
     The manager removes the folder when it cleans up after the kernel (stopped or dead); a build
-    killed outright (SIGKILL) leaves it, as it leaves jupyter_client's connection file."""
+    killed outright (SIGKILL) leaves it (as it leaves jupyter_client's connection file) until the
+    next chapter kernel starts (`remove_stale_socket_folders`)."""
     import shutil
 
     from jupyter_client import AsyncKernelManager
