@@ -224,3 +224,35 @@ def test_a_kernels_socket_folder_survives_a_restart_and_goes_when_it_stops_or_di
     if len(tempfile.gettempdir()) > 60:
         pytest.skip("this machine's temporary folder is too deep for a Unix socket path")
     asyncio.run(run())
+
+
+def test_only_stale_kernel_socket_folders_are_removed(monkeypatch):
+    import socket
+
+    root = Path(tempfile.mkdtemp(prefix="ck"))
+    monkeypatch.setattr("tempfile.tempdir", str(root))
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()   # a pid that has just exited
+    old = time.time() - 3600
+
+    def folder(name, age=old):
+        p = root / name
+        p.mkdir()
+        os.utime(p, (age, age))
+        return p
+
+    stale = folder(f"catchtag-kernel-{dead}-aaaa")
+    young = folder(f"catchtag-kernel-{dead}-bbbb", age=time.time())           # may not hold its sockets yet
+    alive = folder(f"catchtag-kernel-{os.getppid()}-cccc")                     # its manager runs
+    listening = folder(f"catchtag-kernel-{dead}-dddd")                         # a kernel still answers here
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(listening / "k-1"))
+    server.listen()
+    os.utime(listening, (old, old))
+    odd = [folder("catchtag-kernel-99999999999-eeee"), folder("catchtag-kernel-0-ffff"), folder("other-1-x")]
+    try:
+        assert warmkernel.remove_stale_socket_folders() == [str(stale)]
+        assert young.exists() and alive.exists() and listening.exists() and all(p.exists() for p in odd)
+    finally:
+        server.close()
+        shutil.rmtree(root, ignore_errors=True)

@@ -17,7 +17,9 @@ is one line and exit status 1. Nothing partial is left in place: papermill write
 notebook into `_build/executed/.partial/`, and it is renamed into place only when complete, so a
 build killed mid-run leaves the previous executed notebook or none. Ctrl-C (exit status 130) and
 SIGTERM to the build process (143) stop the running chapters within seconds: their kernels are shut
-down, and a parallel build's workers get the signal as SIGINT. `$CATCHTAG_BUILD` moves the
+down, a parallel build's workers get SIGTERM as SIGINT (an idle worker ignores it), chapters not
+started are cancelled, finished ones are kept; a second signal during that cleanup is ignored by the
+build (workers that do not exit within 30 s are killed). `$CATCHTAG_BUILD` moves the
 executed notebooks and staging out of `_build` (tests use it).
 
 Three additions for the published book. Each chapter's notebook gets a first cell (tagged
@@ -475,9 +477,35 @@ def _execute_logged(name: str, params: dict, force: bool) -> tuple[str, float, b
     return name, seconds, reused
 
 
+_WORKER_BUSY = False  # in a parallel build's worker: whether it is executing a chapter
+
+
+def _worker_sigint(signum, frame):
+    """SIGINT in a worker: stop the chapter it executes (nbclient replaces this handler while the
+    chapter's kernel runs, and shuts that kernel down); an idle worker ignores it, so that it does
+    not die and make the pool stop the busy ones by SIGTERM before they clean up."""
+    if _WORKER_BUSY:
+        raise KeyboardInterrupt
+
+
+def _init_worker() -> None:
+    import signal
+
+    signal.signal(signal.SIGINT, _worker_sigint)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the build's handler, inherited through fork
+
+
 def _execute_in_worker(name: str, params: dict, force: bool, threads: int) -> tuple[str, float, bool]:
+    import signal
+
+    global _WORKER_BUSY
     os.environ["OMP_NUM_THREADS"] = str(threads)  # read by torch in the chapter's kernel
-    return _execute_logged(name, params, force)
+    _WORKER_BUSY = True
+    try:
+        return _execute_logged(name, params, force)
+    finally:
+        _WORKER_BUSY = False
+        signal.signal(signal.SIGINT, _worker_sigint)  # asyncio put Python's default handler back
 
 
 def execute_all(names: list[str], chosen: dict, force: bool, jobs: int = 1) -> list[tuple[str, float, bool]]:
@@ -572,43 +600,69 @@ def _execute_parallel(names, chosen, force, jobs):
     print(f"[book] executing {len(order)} chapters, up to {jobs} at once, {threads} thread(s) each", flush=True)
     ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
     times, failure = [], None
-    with ProcessPoolExecutor(max_workers=min(jobs, len(order)), mp_context=ctx) as pool:
-        futures = [pool.submit(_execute_in_worker, n, chosen[n], force, threads) for n in order]
-        try:
-            for future in as_completed(futures):
-                if future.cancelled():  # not started: a chapter failed before
-                    continue
-                try:
-                    times.append(future.result())
-                except ChapterFailed as exc:
-                    if failure is None:
-                        failure = exc
-                        for f in futures:
-                            f.cancel()
-        except Terminated:
-            # SIGTERM reached this process only (Ctrl-C reaches the workers too): pass it on as
-            # SIGINT, which stops a worker's chapter as Ctrl-C does, before the pool waits for them
-            _stop_workers(pool, futures)
-            raise
+    pool = ProcessPoolExecutor(max_workers=min(jobs, len(order)), mp_context=ctx, initializer=_init_worker)
+    futures = []
+    try:
+        for n in order:
+            futures.append(pool.submit(_execute_in_worker, n, chosen[n], force, threads))
+        for future in as_completed(futures):
+            if future.cancelled():  # not started: a chapter failed before
+                continue
+            try:
+                times.append(future.result())
+            except ChapterFailed as exc:
+                if failure is None:
+                    failure = exc
+                    for f in futures:
+                        f.cancel()
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (`Terminated`)
+        _stop_workers(pool, futures, forward=isinstance(exc, Terminated))
+        raise
+    except BaseException:  # e.g. a worker killed (BrokenProcessPool)
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)
     if failure is not None:
         raise failure
     return times
 
 
-def _stop_workers(pool, futures) -> None:
-    """Cancel the chapters not started and send SIGINT to the pool's worker processes: nbclient
-    then shuts the running chapters' kernels down and each chapter fails without keeping anything
-    (see `execute`)."""
+def _stop_workers(pool, futures, forward: bool, grace: float = 30.0) -> None:
+    """After Ctrl-C or SIGTERM in the build: cancel the chapters not started; with `forward` (SIGTERM
+    reached this process only; Ctrl-C reaches the workers itself) send SIGINT to the workers, which
+    stops the chapters they execute as Ctrl-C does (nbclient shuts their kernels down, nothing is
+    kept); then wait for them to exit, at most `grace` seconds before killing them. A second Ctrl-C
+    or SIGTERM meanwhile is ignored: cutting this short would leave the workers running."""
     import signal
+    import threading
 
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     for f in futures:
         f.cancel()
     # concurrent.futures keeps its worker processes in `_processes` (pid -> Process); no public API
-    for pid in list(getattr(pool, "_processes", None) or {}):
-        try:
-            os.kill(pid, signal.SIGINT)
-        except ProcessLookupError:
-            pass
+    pids = list(getattr(pool, "_processes", None) or {})
+    if forward:
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGINT)
+            except ProcessLookupError:
+                pass
+
+    def kill_left():
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    timer = threading.Timer(grace, kill_left)
+    timer.daemon = True
+    timer.start()
+    try:
+        pool.shutdown(wait=True, cancel_futures=True)
+    finally:
+        timer.cancel()
 
 
 def stage(names: list[str]) -> None:
@@ -689,13 +743,19 @@ class Terminated(KeyboardInterrupt):
 
 
 def _on_sigterm(signum, frame):
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the first one stops the build; the cleanup must finish
     raise Terminated()
 
 
 def main(argv=None) -> None:
     import signal
+    import threading
 
-    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    # signal handlers can be set only in the main thread (an in-process caller may use another)
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None
     try:
         _main(argv)
     except ChapterFailed as exc:
@@ -708,7 +768,8 @@ def main(argv=None) -> None:
         print("error: interrupted", file=sys.stderr)
         raise SystemExit(130) from None
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _main(argv=None) -> None:

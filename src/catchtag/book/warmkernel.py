@@ -31,6 +31,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import time
 
 # Imported before the fork: what most chapters import (matplotlib excluded, see above; scikit-learn,
 # 2 s, only by the probing chapter, is left to it: the build process's imports run while the other
@@ -229,26 +230,45 @@ def _ipc_prefix() -> str | None:
     return prefix
 
 
-def remove_stale_socket_folders() -> list[str]:
-    """Delete this user's kernel socket folders in the temporary directory whose managing process
-    is gone; returns them."""
+def remove_stale_socket_folders(min_age: float = 60.0) -> list[str]:
+    """Delete this user's kernel socket folders in the temporary directory that are stale: the
+    process named in the folder's name is gone, the folder is older than `min_age` seconds (a new
+    one may not hold its sockets yet), and no socket in it accepts a connection (a live kernel's
+    does, also one whose manager runs in another pid namespace sharing this directory). Returns the
+    folders removed."""
     import re
     import shutil
+    import socket
     import tempfile
 
     from catchtag.book.report import _alive
 
+    def live_socket(folder: str) -> bool:
+        for name in os.listdir(folder):
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                try:
+                    s.connect(os.path.join(folder, name))
+                    return True
+                except OSError:
+                    pass
+        return False
+
     removed = []
     root = tempfile.gettempdir()
     for entry in os.scandir(root):
-        m = re.fullmatch(re.escape(_SOCKET_FOLDER) + r"(\d+)-\w+", entry.name)
-        try:
-            mine = m is not None and entry.is_dir(follow_symlinks=False) and entry.stat().st_uid == os.getuid()
-        except OSError:
+        m = re.fullmatch(re.escape(_SOCKET_FOLDER) + r"([1-9]\d{0,9})-\w+", entry.name)
+        if m is None:
             continue
-        if mine and int(m.group(1)) != os.getpid() and not _alive(int(m.group(1))):
-            shutil.rmtree(entry.path, ignore_errors=True)
-            removed.append(entry.path)
+        try:
+            pid = int(m.group(1))
+            if (not entry.is_dir(follow_symlinks=False) or entry.stat().st_uid != os.getuid()
+                    or time.time() - entry.stat().st_mtime < min_age or pid == os.getpid() or _alive(pid)
+                    or live_socket(entry.path)):
+                continue
+        except (OSError, ValueError, OverflowError):
+            continue
+        shutil.rmtree(entry.path, ignore_errors=True)
+        removed.append(entry.path)
     return removed
 
 
