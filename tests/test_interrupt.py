@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from catchtag.book.report import _alive  # a zombie counts as gone
+
 from _chapters import ROOT, tiny_chapter
 
 # Each chapter reports its kernel's pid and its parent's (the build, or a parallel build's worker),
@@ -36,19 +38,6 @@ b.BOOK = Path(sys.argv[1])
 b.chapters_in_toc = lambda: ["a", "b"]
 b.main(["--chapter", "a", "--chapter", "b", "--force", "--no-html", "--jobs", sys.argv[2]])
 """
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:   # the pid was reused by another user's process: ours is gone
-        return False
-    try:  # a zombie (exited, not yet reaped by its parent) counts as gone
-        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return True
 
 
 @pytest.mark.parametrize("jobs, sig, group, status, words, idle, twice", [

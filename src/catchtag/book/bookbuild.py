@@ -642,21 +642,17 @@ def _stop_workers(pool, futures, forward: bool, grace: float = 30.0) -> None:
         f.cancel()
     # concurrent.futures keeps its worker processes in `_processes` (pid -> Process); no public API
     pids = list(getattr(pool, "_processes", None) or {})
+
+    def send(sig):
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+
     if forward:
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGINT)
-            except ProcessLookupError:
-                pass
-
-    def kill_left():
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-
-    timer = threading.Timer(grace, kill_left)
+        send(signal.SIGINT)
+    timer = threading.Timer(grace, send, (signal.SIGKILL,))
     timer.daemon = True
     timer.start()
     try:

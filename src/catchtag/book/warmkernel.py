@@ -5,7 +5,7 @@ A cold chapter kernel spends ~15 s of CPU before its first computation: starting
 importing torch, transformers, nnsight, scikit-learn and pandas (~6 s), and loading both offline
 models (~5 s each, Gemma-3's 262k-word tokenizer ~3 s of it), for every chapter. The book build
 instead does this once (`prepare`) and starts each chapter's kernel with `os.fork()` from that
-process (`kernel_manager_class`, passed to papermill as its `kernel_manager_class`): the kernel is
+process (the manager `kernel_manager_class(warm=True)` gives papermill): the kernel is
 the same ipykernel, speaking the same protocol, and inherits the imported modules and the loaded
 models (copy-on-write: a chapter that changes a model, e.g. fine-tunes it, changes its own copy).
 
