@@ -10,6 +10,9 @@ skips those, for development, in under a minute. Check with
 
 import inspect
 import re
+import shutil
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -45,6 +48,18 @@ def pytest_collection_modifyitems(config, items):
         if (SLOW_FIXTURES & set(getattr(item, "fixturenames", ()))
                 or module in SLOW_MODULES or _runs_something_slow(item)):
             item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture
+def short_tmp():
+    """A temporary folder with a short path, removed afterwards: for $TMPDIR of a build whose
+    kernels put Unix sockets there (a socket path must fit in 107 bytes; pytest's tmp_path is too
+    deep for one, and the kernels would fall back to TCP)."""
+    folder = Path(tempfile.mkdtemp(prefix="ck"))
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

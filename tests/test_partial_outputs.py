@@ -8,14 +8,12 @@ are both written into a `.partial/` folder next to their destination and renamed
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import textwrap
 import time
-from pathlib import Path
 
 from catchtag.book import warmkernel
 from catchtag.book.report import remove_stale_partials, save_results
@@ -67,7 +65,7 @@ def test_results_file_survives_a_killed_writer(tmp_path, monkeypatch):
     assert '"version": 3' in previous.read_text()
 
 
-def test_executed_notebook_survives_a_killed_build(tmp_path):
+def test_executed_notebook_survives_a_killed_build(tmp_path, short_tmp):
     """A chapter killed (SIGKILL, kernel too) while papermill is writing it: the previous executed
     notebook stays as it was, nothing half-written is at its place, and the leftover partial copy
     goes at the next build."""
@@ -83,7 +81,7 @@ def test_executed_notebook_survives_a_killed_build(tmp_path):
     before = previous.read_bytes()
     script = (f"from pathlib import Path\nfrom catchtag.book import bookbuild\nbookbuild.BOOK = Path({str(book)!r})\n"
               "bookbuild.execute('tiny', {}, force=True)\n")
-    sockets = Path(tempfile.mkdtemp(prefix="ck"))  # the kernel's socket folder goes here (a short path)
+    sockets = short_tmp  # the kernel's socket folder goes here
     env = {**os.environ, "CATCHTAG_BUILD": str(build), "CATCHTAG_RESULTS": str(tmp_path / "results"),
            "TMPDIR": str(sockets)}
     proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
@@ -119,5 +117,3 @@ def test_executed_notebook_survives_a_killed_build(tmp_path):
         assert warmkernel.remove_stale_socket_folders(min_age=0) == [str(sockets / left[0])]
     finally:
         tempfile.tempdir = old
-        shutil.rmtree(sockets, ignore_errors=True)
-

@@ -13,7 +13,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 import pytest
 
@@ -53,10 +52,7 @@ open(os.path.join(REPORT, NAME + ".json"), "w").write(json.dumps(out))
 # imported, as `python -m catchtag.book.bookbuild` would run it).
 DRIVER = """
 import sys
-import tempfile
 from pathlib import Path
-
-import pytest
 from catchtag.book import bookbuild as b
 b.BOOK = Path(sys.argv[1])
 b.chapters_in_toc = lambda: ["a", "b"]
@@ -64,16 +60,7 @@ b.main(["--chapter", "a", "--chapter", "b", "--force", "--no-html", "--jobs", "2
 """
 
 
-def _run_tiny_book(tmp_path, *extra, env_extra=None):
-    # a temporary directory of its own with a short path (pytest's are too long for a socket path)
-    sockets = Path(tempfile.mkdtemp(prefix="ck"))
-    try:
-        return _run_tiny_book_in(tmp_path, sockets, *extra, env_extra=env_extra)
-    finally:
-        shutil.rmtree(sockets, ignore_errors=True)
-
-
-def _run_tiny_book_in(tmp_path, sockets, *extra, env_extra=None):
+def _run_tiny_book(tmp_path, sockets, *extra, env_extra=None):
     book = tmp_path / "book"
     report = tmp_path / "report"
     report.mkdir()
@@ -91,8 +78,8 @@ def _run_tiny_book_in(tmp_path, sockets, *extra, env_extra=None):
     return {n: json.loads((report / f"{n}.json").read_text()) for n in ("a", "b")}
 
 
-def test_the_build_forks_warm_kernels_that_see_what_a_fresh_load_gives(tmp_path):
-    got = _run_tiny_book(tmp_path)
+def test_the_build_forks_warm_kernels_that_see_what_a_fresh_load_gives(tmp_path, short_tmp):
+    got = _run_tiny_book(tmp_path, short_tmp)
     for name, r in got.items():
         assert r["warm"] and r["preloaded"] and r["handed_out"], (name, r)
         assert r["same_weights"] and r["same_logits"], (name, r)
@@ -100,11 +87,11 @@ def test_the_build_forks_warm_kernels_that_see_what_a_fresh_load_gives(tmp_path)
         assert r["transport"] == "ipc", (name, r)
 
 
-def test_cold_kernels_on_request(tmp_path):
+def test_cold_kernels_on_request(tmp_path, short_tmp):
     for extra, env in ((["--cold"], None), ([], {"CATCHTAG_WARM": "0"})):
         folder = tmp_path / ("flag" if extra else "env")
         folder.mkdir()
-        got = _run_tiny_book(folder, *extra, env_extra=env)
+        got = _run_tiny_book(folder, short_tmp, *extra, env_extra=env)
         for name, r in got.items():
             assert not r["warm"] and not r["preloaded"], (name, r)
             assert r["same_weights"] and r["same_logits"] and r["threads"] == 1 and r["watched"], (name, r)
@@ -166,16 +153,13 @@ def test_warm_kernels_only_where_each_kernel_runs_one_thread(tmp_path, monkeypat
         "smollm2-135m", "", "gemma3-270m"]
 
 
-def test_kernel_sockets_fall_back_to_tcp_where_a_unix_socket_path_would_be_too_long(tmp_path, monkeypatch):
-    short = Path(tempfile.mkdtemp(prefix="ck"))
-    try:
-        monkeypatch.setattr("tempfile.tempdir", None)   # read $TMPDIR again
-        monkeypatch.setenv("TMPDIR", str(short))
-        prefix = warmkernel._ipc_prefix()
-        assert prefix is not None and prefix.startswith(str(short)) and len(prefix.encode()) <= 90
-        assert oct(os.stat(os.path.dirname(prefix)).st_mode & 0o777) == "0o700"
-    finally:
-        shutil.rmtree(short, ignore_errors=True)
+def test_kernel_sockets_fall_back_to_tcp_where_a_unix_socket_path_would_be_too_long(tmp_path, short_tmp,
+                                                                                   monkeypatch):
+    monkeypatch.setattr("tempfile.tempdir", None)   # read $TMPDIR again
+    monkeypatch.setenv("TMPDIR", str(short_tmp))
+    prefix = warmkernel._ipc_prefix()
+    assert prefix is not None and prefix.startswith(str(short_tmp)) and len(prefix.encode()) <= 90
+    assert oct(os.stat(os.path.dirname(prefix)).st_mode & 0o777) == "0o700"
     deep = tmp_path / ("d" * 100)
     deep.mkdir()
     monkeypatch.setattr("tempfile.tempdir", None)
@@ -191,12 +175,10 @@ def test_a_kernels_socket_folder_survives_a_restart_and_goes_when_it_stops_or_di
     import asyncio
 
     async def run():
-        folders = []
         for died in (False, True):
             km = warmkernel.kernel_manager_class(warm=False)(kernel_name="python3")
             await km.start_kernel()
             folder = os.path.dirname(km.ip)
-            folders.append(folder)
             try:
                 assert km.transport == "ipc" and os.path.isdir(folder)
                 if not died:
@@ -219,17 +201,16 @@ def test_a_kernels_socket_folder_survives_a_restart_and_goes_when_it_stops_or_di
                 if await km.is_alive():
                     await km.shutdown_kernel(now=True)
                 shutil.rmtree(folder, ignore_errors=True)
-        return folders
 
     if len(tempfile.gettempdir()) > 60:
         pytest.skip("this machine's temporary folder is too deep for a Unix socket path")
     asyncio.run(run())
 
 
-def test_only_stale_kernel_socket_folders_are_removed(monkeypatch):
+def test_only_stale_kernel_socket_folders_are_removed(short_tmp, monkeypatch):
     import socket
 
-    root = Path(tempfile.mkdtemp(prefix="ck"))
+    root = short_tmp
     monkeypatch.setattr("tempfile.tempdir", str(root))
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
                           text=True).stdout.strip()   # a pid that has just exited
@@ -255,4 +236,3 @@ def test_only_stale_kernel_socket_folders_are_removed(monkeypatch):
         assert young.exists() and alive.exists() and listening.exists() and all(p.exists() for p in odd)
     finally:
         server.close()
-        shutil.rmtree(root, ignore_errors=True)
