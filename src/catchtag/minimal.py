@@ -393,7 +393,10 @@ def train(seed: int = 0, steps: int = 3000, progress: bool = False, **kwargs):
             torch.manual_seed(seed)
             model = MinimalTransformer(MinimalConfig(dim=tc.dim, d_model=tc.d_model))
         opt_class = torch.optim.AdamW if tc.optimizer == "adamw" else torch.optim.Adam
-        opt = opt_class(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+        # foreach: the same arithmetic as the per-tensor loop torch picks on the CPU (the weights
+        # agree bit for bit: tests/test_minimal.py), in fewer Python calls; a chapter's training
+        # runs took ~11% less time (the tensors are tiny, the step is call overhead)
+        opt = opt_class(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay, foreach=True)
         g = torch.Generator().manual_seed(seed)
         task = dict(first_token=tc.first_token, sep_marker=tc.sep_marker)
         x_eval, y_eval, sep_eval = make_batch(tc.eval_n, tc.seq_len, tc.dim, EVAL_SEED, return_sep=True, **task)
