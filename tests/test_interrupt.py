@@ -118,3 +118,40 @@ def test_a_chapter_whose_kernel_dies_is_one_line(tmp_path, short_tmp):
     assert last.startswith("error: chapter ") and "its kernel died" in last and "make chapter CH=" in last, last
     assert "Traceback" not in out.stderr, out.stderr[-3000:]
     assert not list((tmp_path / "build").glob("executed/*.ipynb")) and not left
+
+
+def test_an_abandoned_cell_tasks_error_is_not_printed(caplog):
+    """After Ctrl-C, papermill's kernel cleanup runs the event loop again and the abandoned cell task
+    may end with DeadKernelError (the race behind one Ctrl-C run in twelve printing a traceback):
+    asyncio's report of it and nbclient's "Kernel died" line are dropped; other reports are not."""
+    import asyncio
+    import gc
+    import logging
+
+    from nbclient.exceptions import DeadKernelError
+
+    from catchtag.book import bookbuild
+
+    bookbuild._quiet_kernel_death()
+    bookbuild._quiet_kernel_death()  # once per process, however often it executes a chapter
+    assert sum(isinstance(f, bookbuild._KernelDeathNoise) for f in logging.getLogger("asyncio").filters) == 1
+
+    async def fails(exc):
+        raise exc
+
+    loop = asyncio.new_event_loop()
+    try:
+        with caplog.at_level(logging.ERROR):
+            for exc in (DeadKernelError("Kernel died"), RuntimeError("a real bug")):
+                task = loop.create_task(fails(exc))
+                loop.run_until_complete(asyncio.sleep(0.01))
+                del task
+                gc.collect()
+            logging.getLogger("papermill").error("Kernel died while waiting for execute reply.")
+            logging.getLogger("papermill").error("Kernel didn't respond in 60 seconds")
+    finally:
+        loop.close()
+    reported = [(r.name, r.getMessage().splitlines()[0], r.exc_info and type(r.exc_info[1]).__name__)
+                for r in caplog.records]
+    assert reported == [("asyncio", "Task exception was never retrieved", "RuntimeError"),
+                        ("papermill", "Kernel didn't respond in 60 seconds", None)], reported

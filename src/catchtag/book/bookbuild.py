@@ -287,13 +287,43 @@ def partial_dir() -> Path:
     return EXECUTED / ".partial"
 
 
+class _KernelDeathNoise:
+    """A logging filter for the two reports of a chapter kernel that died or was stopped, which
+    `execute` replaces by one line (`ChapterFailed`, or the build's "error: interrupted"):
+    nbclient's "Kernel died while waiting for execute reply." (papermill's logger), and asyncio's
+    "Task exception was never retrieved" for a cell's task that nobody awaits any more. Ctrl-C
+    raises in the build (or its worker) while papermill waits for a cell; papermill's kernel
+    cleanup then runs the event loop again, the abandoned cell task may see the kernel gone
+    (DeadKernelError) or its interrupted reply (CellExecutionError) and end with an error that
+    asyncio prints, traceback and all, when the task is collected: whether it does is a race
+    between the cleanup and nbclient's one-second liveness poll (one Ctrl-C test in twelve).
+    Other records pass."""
+
+    def filter(self, record) -> bool:
+        from nbclient.exceptions import CellExecutionError, DeadKernelError
+
+        message = record.getMessage()
+        if record.name == "papermill":
+            return not message.startswith("Kernel died while waiting for execute reply")
+        exc = record.exc_info[1] if record.exc_info else None
+        return not (message.startswith("Task exception was never retrieved")
+                    and isinstance(exc, (DeadKernelError, CellExecutionError)))
+
+
+def _quiet_kernel_death() -> None:
+    """Add `_KernelDeathNoise` to the papermill and asyncio loggers, once per process."""
+    import logging
+
+    for logger in (logging.getLogger("papermill"), logging.getLogger("asyncio")):
+        if not any(isinstance(f, _KernelDeathNoise) for f in logger.filters):
+            logger.addFilter(_KernelDeathNoise())
+
+
 def execute(name: str, params: dict, force: bool = False) -> tuple[Path, float, bool]:
     """Execute one chapter; returns (executed notebook, seconds, reused from cache).
 
     Raises ChapterFailed (one line; status 2 for bad input) when the parameters are refused or a
     cell fails; the previous executed notebook, if any, is left as it was."""
-    import logging
-
     import jupytext
     import nbformat
     import papermill as pm
@@ -324,6 +354,7 @@ def execute(name: str, params: dict, force: bool = False) -> tuple[Path, float, 
 
     # warm: a kernel forked from this process, which has imported the library and loaded the models
     manager = warmkernel.kernel_manager_class(warm=warmkernel.ready())
+    _quiet_kernel_death()
     try:
         pm.execute_notebook(
             str(raw), str(tmp), parameters=params, kernel_name="python3", cwd=str(BOOK),
@@ -341,8 +372,6 @@ def execute(name: str, params: dict, force: bool = False) -> tuple[Path, float, 
         ) from None
     except DeadKernelError:
         tmp.unlink(missing_ok=True)
-        # its cell's task may be collected later with this error unread: asyncio would print it
-        logging.getLogger("asyncio").setLevel(logging.CRITICAL)
         raise ChapterFailed(
             f"chapter {name!r}: its kernel died (killed, or out of memory; a build stopped by Ctrl-C or "
             f"SIGTERM stops its kernels too); the executed copy is not kept; rerun it with "
