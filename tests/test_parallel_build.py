@@ -132,3 +132,35 @@ def test_jobs_flag_refuses_zero(capsys):
         bookbuild.main(["--jobs", "0", "--no-html"])
     assert info.value.code == 2
     assert "not a number of chapters >= 1" in capsys.readouterr().err
+
+
+def _dies(name, params, force, threads):
+    import os
+    import signal
+
+    if name == "gone":
+        os.kill(os.getpid(), signal.SIGKILL)  # as the OOM killer would
+    if name == "bug":
+        raise RuntimeError("not a chapter failure")
+    return name, 0.0, False
+
+
+@pytest.mark.parametrize("name, words", [("gone", "the process executing it died (exit status -9"),
+                                         ("bug", "RuntimeError: not a chapter failure")])
+def test_a_chapter_process_that_dies_or_raises_is_one_line(book, monkeypatch, name, words):
+    monkeypatch.setattr(bookbuild, "_execute_in_worker", _dies)
+    names = [name, "fine"]
+    for n in names:
+        tiny_chapter(book, n, "x = 1")
+    with pytest.raises(bookbuild.ChapterFailed) as info:
+        bookbuild.execute_all(names, {n: {} for n in names}, force=True, jobs=2)
+    assert info.value.status == 1 and info.value.message.startswith(f"chapter {name!r}: ")
+    assert words in info.value.message, info.value.message
+
+
+def test_which_chapters_need_no_model(book):
+    tiny_chapter(book, "named", "x = 1")  # the common parameters cell names smollm2-135m
+    (book / "free.md").write_text((book / "named.md").read_text().replace('"smollm2-135m"', '"none"'))
+    chosen = {"named": {}, "free": {}}
+    assert not bookbuild.needs_no_model("named", chosen) and bookbuild.needs_no_model("free", chosen)
+    assert not bookbuild.needs_no_model("free", {"free": {"model": "gemma3-270m"}})  # -p model names one

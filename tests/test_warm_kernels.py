@@ -236,3 +236,55 @@ def test_only_stale_kernel_socket_folders_are_removed(short_tmp, monkeypatch):
         assert young.exists() and alive.exists() and listening.exists() and all(p.exists() for p in odd)
     finally:
         server.close()
+
+
+# The build with its model loading replaced by a stand-in that takes 10 s: a chapter that names no
+# model must start (and finish) meanwhile, in a kernel forked before any model was there; a chapter
+# naming one starts after, with the stand-in "model" in its kernel.
+EARLY_DRIVER = """
+import sys, time
+from pathlib import Path
+from catchtag.book import bookbuild as b, warmkernel
+b.BOOK = Path(sys.argv[1])
+b.chapters_in_toc = lambda: ["free", "named"]
+imports_only = warmkernel.prepare
+def stand_in(names):  # (torch is imported by the first call: not here, or no kernel is forked warm)
+    imports_only([])
+    if names:
+        from catchtag import models
+        time.sleep(10)
+        models._PRELOADED[("stand-in",)] = None
+        Path(sys.argv[2]).write_text(repr(time.time()))
+    return list(names)
+warmkernel.prepare = stand_in
+b.main(["--chapter", "free", "--chapter", "named", "--force", "--no-html", "--jobs", "2"])
+"""
+
+REPORTER = """
+import json, os, sys, time
+from catchtag import models
+out = dict(at=time.time(), preloaded=len(models._PRELOADED), warm="torch" in sys.modules)
+open(os.path.join(REPORT, NAME + ".json"), "w").write(json.dumps(out))
+"""
+
+
+def test_a_chapter_that_names_no_model_starts_while_the_models_load(tmp_path, short_tmp):
+    book, report, loaded = tmp_path / "book", tmp_path / "report", tmp_path / "loaded"
+    report.mkdir()
+    tiny_chapter(book, "named", f"REPORT, NAME = {str(report)!r}, 'named'", REPORTER)
+    free = book / "free.md"
+    free.write_text((book / "named.md").read_text().replace('model = "smollm2-135m"', 'label = "none"')
+                    .replace("'named'", "'free'").split("```{code-cell} ipython3\nfrom catchtag.book.params")[0]
+                    + f"```{{code-cell}} ipython3\nREPORT, NAME = {str(report)!r}, 'free'\n```\n"
+                    + f"```{{code-cell}} ipython3\n{REPORTER.strip()}\n```\n")
+    env = {**os.environ, "TMPDIR": str(short_tmp), "CATCHTAG_BUILD": str(tmp_path / "build"),
+           "CATCHTAG_RESULTS": str(tmp_path / "results"), "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-c", EARLY_DRIVER, str(book), str(loaded)], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "[book] free: started while the models load" in out.stdout, out.stdout
+    assert "named: started while" not in out.stdout, out.stdout
+    done = float(loaded.read_text())
+    got = {n: json.loads((report / f"{n}.json").read_text()) for n in ("free", "named")}
+    assert got["free"]["warm"] and got["free"]["preloaded"] == 0 and got["free"]["at"] < done, got
+    assert got["named"]["warm"] and got["named"]["preloaded"] == 1 and got["named"]["at"] > done, got

@@ -17,9 +17,9 @@ is one line and exit status 1. Nothing partial is left in place: papermill write
 notebook into `_build/executed/.partial/`, and it is renamed into place only when complete, so a
 build killed mid-run leaves the previous executed notebook or none. Ctrl-C (exit status 130) and
 SIGTERM to the build process (143) stop the running chapters within seconds: their kernels are shut
-down, a parallel build's workers get SIGTERM as SIGINT (an idle worker ignores it), chapters not
-started are cancelled, finished ones are kept; a second signal during that cleanup is ignored by the
-build (workers that do not exit within 30 s are killed). `$CATCHTAG_BUILD` moves the
+down (a parallel build's chapter processes get SIGTERM as SIGINT), chapters not started are not
+started, finished ones are kept; a second signal during that cleanup is ignored (chapter processes
+that do not exit within 30 s are killed). `$CATCHTAG_BUILD` moves the
 executed notebooks and staging out of `_build` (tests use it).
 
 Three additions for the published book. Each chapter's notebook gets a first cell (tagged
@@ -506,49 +506,57 @@ def _execute_logged(name: str, params: dict, force: bool) -> tuple[str, float, b
     return name, seconds, reused
 
 
-_WORKER_BUSY = False  # in a parallel build's worker: whether it is executing a chapter
-
-
-def _worker_sigint(signum, frame):
-    """SIGINT in a worker: stop the chapter it executes (nbclient replaces this handler while the
-    chapter's kernel runs, and shuts that kernel down); an idle worker ignores it, so that it does
-    not die and make the pool stop the busy ones by SIGTERM before they clean up."""
-    if _WORKER_BUSY:
-        raise KeyboardInterrupt
-
-
-def _init_worker() -> None:
+def _stop_once(signum, frame):
+    """SIGINT in a chapter's process: stop the chapter (papermill then shuts its kernel down). Later
+    ones are ignored, so that a second Ctrl-C cannot cut that cleanup short."""
     import signal
 
-    signal.signal(signal.SIGINT, _worker_sigint)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    raise KeyboardInterrupt
+
+
+def _chapter_process(conn, name: str, params: dict, force: bool, threads: int) -> None:
+    """A parallel build's chapter process (forked from the build when the chapter starts, so it has
+    whatever the build had loaded then): execute the chapter and send ("done", (name, seconds,
+    reused)) or ("failed", exception) to the build."""
+    import signal
+
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the build's handler, inherited through fork
+    signal.signal(signal.SIGINT, _stop_once)
+    try:
+        os.environ["OMP_NUM_THREADS"] = str(threads)  # read by torch in the chapter's kernel
+        message = ("done", _execute_in_worker(name, params, force, threads))
+    except BaseException as exc:  # noqa: BLE001 - the build decides; a KeyboardInterrupt included
+        message = ("failed", exc)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the chapter is over: only its report is left
+    try:
+        conn.send(message)
+    except Exception:  # an exception that cannot be pickled: its one line instead
+        conn.send(("failed", ChapterFailed(f"chapter {name!r}: {type(message[1]).__name__}: {message[1]}")))
+    conn.close()
 
 
 def _execute_in_worker(name: str, params: dict, force: bool, threads: int) -> tuple[str, float, bool]:
-    import signal
-
-    global _WORKER_BUSY
-    os.environ["OMP_NUM_THREADS"] = str(threads)  # read by torch in the chapter's kernel
-    _WORKER_BUSY = True
-    try:
-        return _execute_logged(name, params, force)
-    finally:
-        _WORKER_BUSY = False
-        signal.signal(signal.SIGINT, _worker_sigint)  # asyncio put Python's default handler back
+    """What a chapter's process runs (a seam for tests)."""
+    return _execute_logged(name, params, force)
 
 
-def execute_all(names: list[str], chosen: dict, force: bool, jobs: int = 1) -> list[tuple[str, float, bool]]:
+def execute_all(names: list[str], chosen: dict, force: bool, jobs: int = 1,
+                started: "ChapterProcesses | None" = None) -> list[tuple[str, float, bool]]:
     """Execute `names` (chapter -> parameters in `chosen`); returns [(name, seconds, reused)] in the
     order they finished. Summary pages run last, after every other chapter has finished. With
     jobs > 1 the other chapters run up to `jobs` at once, each in its own process (its own kernel,
-    `threads_per_chapter(jobs)` torch threads), longest first by their last recorded time. A chapter
-    that fails stops the build: the chapters not started are cancelled, those running finish (their
-    executed notebooks are kept), then the first failure is raised (one line, its exit status)."""
+    `threads_per_chapter(jobs)` torch threads), longest first by their last recorded time
+    (`ChapterProcesses`; `started`: one that `warm_up` started with the chapters that need no
+    model). A chapter that fails stops the build: the chapters not started are not started, those
+    running finish (their executed notebooks are kept), then the first failure is raised (one line,
+    its exit status)."""
     regular = _regular(names)
     summaries = [n for n in names if n not in regular]
     times: list[tuple[str, float, bool]] = []
-    if _in_parallel(regular, jobs):
-        times += _execute_parallel(regular, chosen, force, jobs)
+    if started is not None or _in_parallel(regular, jobs):
+        runner = started or ChapterProcesses(chosen, force, jobs)
+        times += runner.run([n for n in sorted(regular, key=_last_seconds, reverse=True) if n not in runner.started])
     else:
         times += [_execute_logged(n, chosen[n], force) for n in regular]
     times += [_execute_logged(n, chosen[n], force) for n in summaries]
@@ -575,26 +583,50 @@ def kernel_threads(names: list[str], jobs: int) -> int | None:
     return cores.omp_threads()
 
 
-def warm_up(names: list[str], chosen: dict, force: bool, jobs: int = 1) -> list[str]:
+def warm_up(names: list[str], chosen: dict, force: bool, jobs: int = 1) -> "ChapterProcesses | None":
     """Before `execute_all` in the build's own process (`main`; never in a process that has run
     torch, e.g. a test session): import the library and preload the registry models that the
     chapters to execute name, so that their kernels are forked warm (`catchtag.book.warmkernel`).
-    Nothing happens when every chapter is up to date, warm kernels are off, or the kernels will
-    run more than one torch thread (only one-thread kernels are forked: see warmkernel). Returns
-    the models preloaded."""
+    In a parallel build the chapters that name no model (`needs_no_model`) start as soon as the
+    library is imported, on the cores the loading leaves idle (at most jobs - 1 of them); the
+    `ChapterProcesses` running them is returned, for `execute_all` to go on with. Nothing happens
+    (None) when every chapter is up to date, warm kernels are off, or the kernels will run more
+    than one torch thread (only one-thread kernels are forked: see warmkernel)."""
     from catchtag.book import warmkernel
 
     if not warmkernel.enabled() or kernel_threads(names, jobs) != 1:
-        return []
+        return None
     pending = [n for n in names if force or is_summary(BOOK / f"{n}.md") or not _up_to_date(n, chosen[n])]
     if not pending:
-        return []
+        return None
     start = time.time()
-    loaded = warmkernel.prepare(_registry_models(pending, chosen))
+    warmkernel.prepare([])  # the library only
+    runner = None
+    regular = _regular(pending)
+    if warmkernel.ready() and _in_parallel(regular, jobs):
+        runner = ChapterProcesses(chosen, force, jobs)
+        for name in [n for n in regular if needs_no_model(n, chosen)][:jobs - 1]:
+            print(f"[book] {name}: started while the models load (it names none)", flush=True)
+            runner.start(name)
+    try:
+        loaded = warmkernel.prepare(_registry_models(pending, chosen))
+    except BaseException:  # Ctrl-C or SIGTERM while loading: stop what runs already
+        if runner is not None:
+            runner.stop()
+        raise
     if warmkernel.ready():
         print(f"[book] warm kernels: library imported and {', '.join(loaded) or 'no model'} loaded in "
               f"{time.time() - start:.0f} s, once for every chapter", flush=True)
-    return loaded
+    return runner
+
+
+def needs_no_model(name: str, chosen: dict) -> bool:
+    """Whether the chapter names no registry model among its parameters (declared defaults, with
+    `chosen` on top): it can start before the build has loaded the models (it would load any it
+    uses itself)."""
+    from catchtag.models import REGISTRY
+
+    return not any(v in REGISTRY for v in _registry_models([name], chosen))
 
 
 def _up_to_date(name: str, params: dict) -> bool:
@@ -620,74 +652,106 @@ def _registry_models(names: list[str], chosen: dict) -> list[str]:
     return list(dict.fromkeys(found))
 
 
-def _execute_parallel(names, chosen, force, jobs):
-    import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor, as_completed
+class ChapterProcesses:
+    """A parallel build's chapters, each executed in a process of its own, forked from the build
+    process when the chapter starts (so a chapter started after `warm_up` loaded the models gets
+    them, and one started before does not wait for them), at most `jobs` at once, each kernel with
+    `threads_per_chapter(jobs)` torch threads. No process waits idle for work: a signal always
+    finds every chapter process busy with its chapter."""
 
-    threads = threads_per_chapter(jobs)
-    order = sorted(names, key=_last_seconds, reverse=True)
-    print(f"[book] executing {len(order)} chapters, up to {jobs} at once, {threads} thread(s) each", flush=True)
-    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-    times, failure = [], None
-    pool = ProcessPoolExecutor(max_workers=min(jobs, len(order)), mp_context=ctx, initializer=_init_worker)
-    futures = []
-    try:
-        for n in order:
-            futures.append(pool.submit(_execute_in_worker, n, chosen[n], force, threads))
-        for future in as_completed(futures):
-            if future.cancelled():  # not started: a chapter failed before
-                continue
-            try:
-                times.append(future.result())
-            except ChapterFailed as exc:
-                if failure is None:
-                    failure = exc
-                    for f in futures:
-                        f.cancel()
-    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (`Terminated`)
-        _stop_workers(pool, futures, forward=isinstance(exc, Terminated))
-        raise
-    except BaseException:  # e.g. a worker killed (BrokenProcessPool)
-        pool.shutdown(wait=False, cancel_futures=True)
-        raise
-    pool.shutdown(wait=True)
-    if failure is not None:
-        raise failure
-    return times
+    def __init__(self, chosen: dict, force: bool, jobs: int):
+        import multiprocessing as mp
 
+        self.chosen, self.force, self.jobs = chosen, force, jobs
+        self.threads = threads_per_chapter(jobs)
+        self.ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+        self.running: dict = {}        # connection -> (process, chapter)
+        self.started: list[str] = []
+        self.times: list[tuple[str, float, bool]] = []
+        self.failure: ChapterFailed | None = None
 
-def _stop_workers(pool, futures, forward: bool, grace: float = 30.0) -> None:
-    """After Ctrl-C or SIGTERM in the build: cancel the chapters not started; with `forward` (SIGTERM
-    reached this process only; Ctrl-C reaches the workers itself) send SIGINT to the workers, which
-    stops the chapters they execute as Ctrl-C does (nbclient shuts their kernels down, nothing is
-    kept); then wait for them to exit, at most `grace` seconds before killing them. A second Ctrl-C
-    or SIGTERM meanwhile is ignored: cutting this short would leave the workers running."""
-    import signal
-    import threading
+    def start(self, name: str) -> None:
+        if not self.started:
+            print(f"[book] executing chapters up to {self.jobs} at once, {self.threads} thread(s) each", flush=True)
+        receive, send = self.ctx.Pipe(duplex=False)
+        proc = self.ctx.Process(target=_chapter_process, name=f"chapter {name}",
+                                args=(send, name, self.chosen[name], self.force, self.threads))
+        proc.start()
+        send.close()  # the child's end: EOF here when the child exits
+        self.running[receive] = (proc, name)
+        self.started.append(name)
 
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    for f in futures:
-        f.cancel()
-    # concurrent.futures keeps its worker processes in `_processes` (pid -> Process); no public API
-    pids = list(getattr(pool, "_processes", None) or {})
+    def run(self, names: list[str]) -> list[tuple[str, float, bool]]:
+        """Start `names` in this order as places free up; wait for every chapter started (also
+        before this call); returns their (name, seconds, reused) in the order they finished, or
+        raises the first failure once the running ones have finished. Ctrl-C or SIGTERM: `stop`."""
+        from multiprocessing.connection import wait
 
-    def send(sig):
-        for pid in pids:
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
+        queue = list(names)
+        try:
+            while queue or self.running:
+                while queue and self.failure is None and len(self.running) < self.jobs:
+                    self.start(queue.pop(0))
+                if not self.running:
+                    break
+                for conn in wait(list(self.running)):
+                    self._finish(conn)
+        except BaseException:  # Ctrl-C, SIGTERM (`Terminated`), or a chapter interrupted alone
+            self.stop()
+            raise
+        if self.failure is not None:
+            raise self.failure
+        return self.times
 
-    if forward:
+    def _finish(self, conn) -> None:
+        proc, name = self.running.pop(conn)
+        try:
+            status, value = conn.recv()
+        except EOFError:  # died before it could report: killed (the OOM killer), or crashed
+            proc.join()
+            status, value = "failed", ChapterFailed(
+                f"chapter {name!r}: the process executing it died (exit status {proc.exitcode}; killed, or "
+                f"out of memory?); the executed copy is not kept; rerun it with `make chapter CH={name}`")
+        conn.close()
+        proc.join()
+        if status == "done":
+            self.times.append(value)
+        elif isinstance(value, KeyboardInterrupt):  # a signal reached this chapter only: the build stops
+            raise value
+        elif self.failure is None:
+            self.failure = value if isinstance(value, ChapterFailed) else ChapterFailed(
+                f"chapter {name!r}: {type(value).__name__}: {value}")
+
+    def stop(self, grace: float = 30.0) -> None:
+        """After Ctrl-C or SIGTERM in the build: start nothing more; send SIGINT to the chapter
+        processes (SIGTERM reached the build only; after Ctrl-C, which reached them already, they
+        ignore a second one), which stops their chapters as Ctrl-C does (their kernels are shut
+        down, nothing is kept); wait for them to exit, at most `grace` seconds, then kill them. A
+        second Ctrl-C or SIGTERM to the build meanwhile is ignored: cutting this short would leave
+        them running; the build's handlers are put back afterwards."""
+        import signal
+
+        handlers = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+        procs = [proc for proc, _ in self.running.values()]
+
+        def send(sig):
+            for proc in procs:
+                if proc.exitcode is None:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(proc.pid, sig)
+
         send(signal.SIGINT)
-    timer = threading.Timer(grace, send, (signal.SIGKILL,))
-    timer.daemon = True
-    timer.start()
-    try:
-        pool.shutdown(wait=True, cancel_futures=True)
-    finally:
-        timer.cancel()
+        deadline = time.time() + grace
+        for proc in procs:
+            proc.join(max(0.0, deadline - time.time()))
+        send(signal.SIGKILL)
+        for proc in procs:
+            proc.join()
+        for conn in self.running:
+            conn.close()
+        self.running.clear()
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
 
 
 def stage(names: list[str]) -> None:
@@ -839,8 +903,8 @@ def _main(argv=None) -> None:
             check_chapter_params(name, nbs[name], chosen[name])
     jobs = default_jobs() if args.jobs is None else args.jobs
     wall = time.time()
-    warm_up(todo, chosen, args.force, jobs)
-    times = execute_all(todo, chosen, args.force, jobs)
+    started = warm_up(todo, chosen, args.force, jobs)
+    times = execute_all(todo, chosen, args.force, jobs, started=started)
     missing = [n for n in notebooks if not (EXECUTED / f"{n}.ipynb").exists()]
     if not args.no_html:
         if missing:
