@@ -164,3 +164,17 @@ def test_which_chapters_need_no_model(book):
     chosen = {"named": {}, "free": {}}
     assert not bookbuild.needs_no_model("named", chosen) and bookbuild.needs_no_model("free", chosen)
     assert not bookbuild.needs_no_model("free", {"free": {"model": "gemma3-270m"}})  # -p model names one
+
+
+def test_a_chapter_that_failed_while_the_models_loaded_starts_nothing(book, monkeypatch):
+    """`warm_up` starts a chapter early; if it has failed by the time `run` takes over, no other
+    chapter is started (they would only delay the failure)."""
+    from multiprocessing.connection import wait
+
+    monkeypatch.setattr(bookbuild, "_execute_in_worker", _fake_chapter)
+    runner = bookbuild.ChapterProcesses({"bad": {}, "c1": {}}, force=True, jobs=2)
+    runner.start("bad")
+    assert wait(list(runner.running), timeout=60), "the early chapter did not finish"
+    with pytest.raises(bookbuild.ChapterFailed, match="chapter 'bad' failed"):
+        runner.run(["c1"])
+    assert runner.started == ["bad"]

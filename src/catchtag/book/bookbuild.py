@@ -606,8 +606,8 @@ def warm_up(names: list[str], chosen: dict, force: bool, jobs: int = 1) -> "Chap
     if warmkernel.ready() and _in_parallel(regular, jobs):
         runner = ChapterProcesses(chosen, force, jobs)
         for name in [n for n in regular if needs_no_model(n, chosen)][:jobs - 1]:
-            print(f"[book] {name}: started while the models load (it names none)", flush=True)
             runner.start(name)
+            print(f"[book] {name}: started while the models load (it names none)", flush=True)
     try:
         loaded = warmkernel.prepare(_registry_models(pending, chosen))
     except BaseException:  # Ctrl-C or SIGTERM while loading: stop what runs already
@@ -689,6 +689,8 @@ class ChapterProcesses:
 
         queue = list(names)
         try:
+            for conn in wait(list(self.running), timeout=0):  # started before: a failure there starts nothing
+                self._finish(conn)
             while queue or self.running:
                 while queue and self.failure is None and len(self.running) < self.jobs:
                     self.start(queue.pop(0))
