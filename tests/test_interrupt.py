@@ -154,3 +154,71 @@ def test_an_abandoned_cell_tasks_error_is_not_printed(caplog):
                 for r in caplog.records]
     assert reported == [("asyncio", "Task exception was never retrieved", "RuntimeError"),
                         ("papermill", "Kernel didn't respond in 60 seconds", None)], reported
+
+
+# The build with its model loading replaced by a stand-in that takes a minute (torch is imported by
+# the first call, so that the kernels are forked warm), and a chapter that names no model: it starts
+# while the "models" load, and the signal comes then.
+LOADING_DRIVER = """
+import sys, time
+from pathlib import Path
+from catchtag.book import bookbuild as b, warmkernel
+b.BOOK = Path(sys.argv[1])
+b.chapters_in_toc = lambda: ["free", "named"]
+imports_only = warmkernel.prepare
+def stand_in(names):
+    imports_only([])
+    if names:
+        time.sleep(60)
+    return []
+warmkernel.prepare = stand_in
+b.main(["--chapter", "free", "--chapter", "named", "--force", "--no-html", "--jobs", "2"])
+"""
+
+
+@pytest.mark.parametrize("sig, group, status, words", [(signal.SIGTERM, False, 143, "terminated"),
+                                                       (signal.SIGINT, True, 130, "interrupted")])
+def test_a_build_stopped_while_the_models_load_stops_the_chapter_started_meanwhile(tmp_path, short_tmp, sig, group,
+                                                                                   status, words):
+    book, report = tmp_path / "book", tmp_path / "report"
+    report.mkdir()
+    tiny_chapter(book, "named", "x = 1")
+    (book / "free.md").write_text(
+        (book / "named.md").read_text().replace('model = "smollm2-135m"', 'label = "none"')
+        .split("```{code-cell} ipython3\nfrom catchtag.book.params")[0]
+        + f"```{{code-cell}} ipython3\nREPORT, NAME = {str(report)!r}, 'free'\n{SLEEPER.strip()}\n```\n")
+    env = {**os.environ, "TMPDIR": str(short_tmp), "CATCHTAG_BUILD": str(tmp_path / "build"),
+           "CATCHTAG_RESULTS": str(tmp_path / "results"), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-c", LOADING_DRIVER, str(book)], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    pids = []
+    try:
+        deadline = time.time() + 50
+        while not (report / "free.json").exists():
+            assert proc.poll() is None and time.time() < deadline, "the chapter did not start while loading"
+            time.sleep(0.2)
+        time.sleep(0.5)
+        pids = [json.loads((report / "free.json").read_text())]
+        os.killpg(proc.pid, sig) if group else os.kill(proc.pid, sig)
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == status, err[-2000:]
+        assert err.strip().splitlines()[-1].startswith(f"error: {words}"), err[-2000:]
+        assert "Traceback" not in err, err[-3000:]
+        assert "free: started while the models load" in out, out
+        gone = [pids[0]["pid"], pids[0]["ppid"]]
+        for _ in range(50):
+            if not any(_alive(p) for p in gone):
+                break
+            time.sleep(0.2)
+        assert not [p for p in gone if _alive(p)], "the chapter's kernel or process outlived the build"
+        assert not list((tmp_path / "build").glob("executed/*.ipynb"))
+        assert not list(short_tmp.glob("catchtag-kernel-*")), err[-3000:]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        for r in pids:
+            for p in (r["pid"], r["ppid"]):
+                try:
+                    os.kill(p, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass

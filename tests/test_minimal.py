@@ -147,7 +147,12 @@ def test_foreach_optimiser_gives_the_per_tensor_loops_weights(monkeypatch, optim
     those of the per-tensor loop, bit for bit, or the chapter's counts would depend on it."""
     kw = dict(seq_len=8, dim=3, d_model=2, n_train=64, epochs=3, batch=16, optimizer=optimizer, lr=5e-2,
               weight_decay=1e-3, log_every=4, eval_n=32)
+    asked = []
+    for name in ("Adam", "AdamW"):
+        cls = getattr(torch.optim, name)
+        monkeypatch.setattr(torch.optim, name, lambda *a, _cls=cls, **k: asked.append(k.get("foreach")) or _cls(*a, **k))
     fast, _ = train(2, **kw)
+    assert asked == [True]  # (torch's own default on the CPU is the per-tensor loop)
     for name in ("Adam", "AdamW"):
         cls = getattr(torch.optim, name)
         monkeypatch.setattr(torch.optim, name, lambda *a, _cls=cls, **k: _cls(*a, **{**k, "foreach": False}))

@@ -6,11 +6,14 @@ with its one-line message and exit status."""
 from __future__ import annotations
 
 import json
+import os
 import pickle
+import signal
 
 import pytest
 
 from catchtag.book import bookbuild
+from catchtag.book.report import _alive
 
 from _chapters import tiny_chapter
 
@@ -77,22 +80,26 @@ def test_a_failing_chapter_stops_the_parallel_build_with_its_status(book):
 def _fake_chapter(name, params, force, threads):
     import time
 
+    (bookbuild.BOOK / f"{name}.ran").touch()
     if name == "bad":
         raise bookbuild.ChapterFailed("chapter 'bad' failed in cell 3 (CatchtagError: no)", 2)
     time.sleep(0.5)  # the first chapters are still running when "bad" fails
     return name, 0.5, False
 
 
-def test_chapters_not_started_are_cancelled_and_the_failure_is_raised(book, monkeypatch):
-    """More chapters than workers: the ones still queued when a chapter fails never run, and the
-    build ends with the failure's one line and status (not with the cancellations)."""
-    monkeypatch.setattr(bookbuild, "_execute_in_worker", _fake_chapter)
+def test_chapters_not_started_are_not_started_and_the_failure_is_raised(book, monkeypatch):
+    """More chapters than places: the ones still queued when a chapter fails never run, and the
+    build ends with the failure's one line and status."""
+    monkeypatch.setattr(bookbuild, "_run_chapter", _fake_chapter)
+    monkeypatch.setattr(bookbuild, "_last_seconds", lambda name: {"bad": 2.0}.get(name, 1.0))  # "bad" first
     names = ["bad"] + [f"c{i}" for i in range(8)]
     for n in names:
         tiny_chapter(book, n, "x = 1")
     with pytest.raises(bookbuild.ChapterFailed) as info:
         bookbuild.execute_all(names, {n: {} for n in names}, force=True, jobs=2)
     assert info.value.status == 2 and "chapter 'bad' failed" in info.value.message
+    ran = sorted(f.stem for f in book.glob("*.ran"))
+    assert ran == ["bad", "c0"], ran  # c0 started beside "bad" and finished; c1..c7 never started
 
 
 def test_chapter_failed_keeps_its_status_through_pickling():
@@ -135,20 +142,37 @@ def test_jobs_flag_refuses_zero(capsys):
 
 
 def _dies(name, params, force, threads):
-    import os
-    import signal
+    import time
 
+    if name == "forks":  # a process forked by the chapter's (as its warm kernel is) outlives it
+        child = os.fork()
+        if child == 0:
+            time.sleep(60)
+            os._exit(0)
+        (bookbuild.BOOK / "grandchild").write_text(str(child))
+        name = "gone"
     if name == "gone":
         os.kill(os.getpid(), signal.SIGKILL)  # as the OOM killer would
     if name == "bug":
         raise RuntimeError("not a chapter failure")
+    if name == "odd":
+        raise TwoArguments("a", "b")
     return name, 0.0, False
 
 
+class TwoArguments(Exception):
+    """Pickles, but does not unpickle (its __init__ wants two arguments)."""
+
+    def __init__(self, a, b):
+        super().__init__(f"{a}/{b}")
+
+
 @pytest.mark.parametrize("name, words", [("gone", "the process executing it died (exit status -9"),
-                                         ("bug", "RuntimeError: not a chapter failure")])
+                                         ("forks", "the process executing it died (exit status -9"),
+                                         ("bug", "RuntimeError: not a chapter failure"),
+                                         ("odd", "TwoArguments: a/b")])
 def test_a_chapter_process_that_dies_or_raises_is_one_line(book, monkeypatch, name, words):
-    monkeypatch.setattr(bookbuild, "_execute_in_worker", _dies)
+    monkeypatch.setattr(bookbuild, "_run_chapter", _dies)
     names = [name, "fine"]
     for n in names:
         tiny_chapter(book, n, "x = 1")
@@ -156,6 +180,12 @@ def test_a_chapter_process_that_dies_or_raises_is_one_line(book, monkeypatch, na
         bookbuild.execute_all(names, {n: {} for n in names}, force=True, jobs=2)
     assert info.value.status == 1 and info.value.message.startswith(f"chapter {name!r}: ")
     assert words in info.value.message, info.value.message
+    if name == "forks":  # the build did not wait for it: the pipe it reports on is not inherited
+        grandchild = int((book / "grandchild").read_text())
+        try:
+            assert _alive(grandchild)
+        finally:
+            os.kill(grandchild, signal.SIGKILL)
 
 
 def test_which_chapters_need_no_model(book):
@@ -171,7 +201,8 @@ def test_a_chapter_that_failed_while_the_models_loaded_starts_nothing(book, monk
     chapter is started (they would only delay the failure)."""
     from multiprocessing.connection import wait
 
-    monkeypatch.setattr(bookbuild, "_execute_in_worker", _fake_chapter)
+    monkeypatch.setattr(bookbuild, "_run_chapter", _fake_chapter)
+    book.mkdir()
     runner = bookbuild.ChapterProcesses({"bad": {}, "c1": {}}, force=True, jobs=2)
     runner.start("bad")
     assert wait(list(runner.running), timeout=60), "the early chapter did not finish"

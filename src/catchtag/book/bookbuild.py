@@ -69,7 +69,7 @@ class ChapterFailed(SystemExit):
         self.message = message
         self.status = status
 
-    def __reduce__(self):  # keeps the status when a parallel build's worker process raises it
+    def __reduce__(self):  # keeps the status when a parallel build's chapter process sends it
         return (type(self), (self.message, self.status))
 
 # The repository the Colab cell installs from and the launch/download buttons point at: `repository.url`
@@ -292,7 +292,7 @@ class _KernelDeathNoise:
     `execute` replaces by one line (`ChapterFailed`, or the build's "error: interrupted"):
     nbclient's "Kernel died while waiting for execute reply." (papermill's logger), and asyncio's
     "Task exception was never retrieved" for a cell's task that nobody awaits any more. Ctrl-C
-    raises in the build (or its worker) while papermill waits for a cell; papermill's kernel
+    raises in the build (or its chapter process) while papermill waits for a cell; papermill's kernel
     cleanup then runs the event loop again, the abandoned cell task may see the kernel gone
     (DeadKernelError) or its interrupted reply (CellExecutionError) and end with an error that
     asyncio prints, traceback and all, when the task is collected: whether it does is a race
@@ -515,28 +515,57 @@ def _stop_once(signum, frame):
     raise KeyboardInterrupt
 
 
+_SIGNALS_HELD = None  # set by `_hold_signals`: the signals held while a chapter process is forked
+
+
+@contextlib.contextmanager
+def _hold_signals():
+    """Hold (block) SIGINT and SIGTERM in this process while a chapter process is forked and
+    registered: one arriving then is delivered after, when the build knows the process and can
+    stop it; the child, which inherits the blocked mask, releases them once its own handlers are
+    set (`_chapter_process`), so that no signal finds it with the build's handlers."""
+    import signal
+
+    if not hasattr(signal, "pthread_sigmask"):  # Windows: nothing to hold
+        yield
+        return
+    held = {signal.SIGINT, signal.SIGTERM}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 def _chapter_process(conn, name: str, params: dict, force: bool, threads: int) -> None:
     """A parallel build's chapter process (forked from the build when the chapter starts, so it has
     whatever the build had loaded then): execute the chapter and send ("done", (name, seconds,
-    reused)) or ("failed", exception) to the build."""
+    reused)) or ("failed", ChapterFailed or KeyboardInterrupt) to the build."""
     import signal
 
+    # a process forked from this one (the chapter's warm kernel) must not hold the build's pipe
+    # open: the build learns that this process died from the pipe's end of file
+    os.register_at_fork(after_in_child=conn.close)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the build's handler, inherited through fork
     signal.signal(signal.SIGINT, _stop_once)
+    if hasattr(signal, "pthread_sigmask"):  # held by the build across the fork (`_hold_signals`)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
     try:
-        os.environ["OMP_NUM_THREADS"] = str(threads)  # read by torch in the chapter's kernel
-        message = ("done", _execute_in_worker(name, params, force, threads))
-    except BaseException as exc:  # noqa: BLE001 - the build decides; a KeyboardInterrupt included
+        try:
+            os.environ["OMP_NUM_THREADS"] = str(threads)  # read by torch in the chapter's kernel
+            message = ("done", _run_chapter(name, params, force, threads))
+        finally:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # the chapter is over: only its report is left
+    except (ChapterFailed, KeyboardInterrupt) as exc:
         message = ("failed", exc)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the chapter is over: only its report is left
-    try:
+    except BaseException as exc:  # noqa: BLE001 - one line, which any build can unpickle
+        message = ("failed", ChapterFailed(f"chapter {name!r}: {type(exc).__name__}: {exc}"))
+    with contextlib.suppress(OSError):  # the build is gone: nobody to tell
         conn.send(message)
-    except Exception:  # an exception that cannot be pickled: its one line instead
-        conn.send(("failed", ChapterFailed(f"chapter {name!r}: {type(message[1]).__name__}: {message[1]}")))
     conn.close()
 
 
-def _execute_in_worker(name: str, params: dict, force: bool, threads: int) -> tuple[str, float, bool]:
+def _run_chapter(name: str, params: dict, force: bool, threads: int) -> tuple[str, float, bool]:
     """What a chapter's process runs (a seam for tests)."""
     return _execute_logged(name, params, force)
 
@@ -569,7 +598,7 @@ def _regular(names: list[str]) -> list[str]:
 
 
 def _in_parallel(regular: list[str], jobs: int) -> bool:
-    """Whether `execute_all` runs these (non-summary) chapters in worker processes, `jobs` at once."""
+    """Whether `execute_all` runs these (non-summary) chapters in processes of their own, `jobs` at once."""
     return jobs > 1 and len(regular) > 1
 
 
@@ -603,12 +632,12 @@ def warm_up(names: list[str], chosen: dict, force: bool, jobs: int = 1) -> "Chap
     warmkernel.prepare([])  # the library only
     runner = None
     regular = _regular(pending)
-    if warmkernel.ready() and _in_parallel(regular, jobs):
-        runner = ChapterProcesses(chosen, force, jobs)
-        for name in [n for n in regular if needs_no_model(n, chosen)][:jobs - 1]:
-            runner.start(name)
-            print(f"[book] {name}: started while the models load (it names none)", flush=True)
     try:
+        if warmkernel.ready() and _in_parallel(regular, jobs):
+            runner = ChapterProcesses(chosen, force, jobs)
+            for name in [n for n in regular if needs_no_model(n, chosen)][:jobs - 1]:
+                runner.start(name)
+                print(f"[book] {name}: started while the models load (it names none)", flush=True)
         loaded = warmkernel.prepare(_registry_models(pending, chosen))
     except BaseException:  # Ctrl-C or SIGTERM while loading: stop what runs already
         if runner is not None:
@@ -652,6 +681,9 @@ def _registry_models(names: list[str], chosen: dict) -> list[str]:
     return list(dict.fromkeys(found))
 
 
+_RUNNERS: list = []  # every `ChapterProcesses` of this process, for `main` to stop what still runs
+
+
 class ChapterProcesses:
     """A parallel build's chapters, each executed in a process of its own, forked from the build
     process when the chapter starts (so a chapter started after `warm_up` loaded the models gets
@@ -669,6 +701,7 @@ class ChapterProcesses:
         self.started: list[str] = []
         self.times: list[tuple[str, float, bool]] = []
         self.failure: ChapterFailed | None = None
+        _RUNNERS.append(self)
 
     def start(self, name: str) -> None:
         if not self.started:
@@ -676,10 +709,11 @@ class ChapterProcesses:
         receive, send = self.ctx.Pipe(duplex=False)
         proc = self.ctx.Process(target=_chapter_process, name=f"chapter {name}",
                                 args=(send, name, self.chosen[name], self.force, self.threads))
-        proc.start()
-        send.close()  # the child's end: EOF here when the child exits
-        self.running[receive] = (proc, name)
-        self.started.append(name)
+        with _hold_signals():  # a Ctrl-C or SIGTERM now is handled once `stop` can see the process
+            proc.start()
+            send.close()  # the child's end: EOF here when the child exits
+            self.running[receive] = (proc, name)
+            self.started.append(name)
 
     def run(self, names: list[str]) -> list[tuple[str, float, bool]]:
         """Start `names` in this order as places free up; wait for every chapter started (also
@@ -709,7 +743,7 @@ class ChapterProcesses:
         proc, name = self.running.pop(conn)
         try:
             status, value = conn.recv()
-        except EOFError:  # died before it could report: killed (the OOM killer), or crashed
+        except Exception:  # died before it could report (EOF): killed (the OOM killer), or crashed
             proc.join()
             status, value = "failed", ChapterFailed(
                 f"chapter {name!r}: the process executing it died (exit status {proc.exitcode}; killed, or "
@@ -721,8 +755,7 @@ class ChapterProcesses:
         elif isinstance(value, KeyboardInterrupt):  # a signal reached this chapter only: the build stops
             raise value
         elif self.failure is None:
-            self.failure = value if isinstance(value, ChapterFailed) else ChapterFailed(
-                f"chapter {name!r}: {type(value).__name__}: {value}")
+            self.failure = value
 
     def stop(self, grace: float = 30.0) -> None:
         """After Ctrl-C or SIGTERM in the build: start nothing more; send SIGINT to the chapter
@@ -732,8 +765,20 @@ class ChapterProcesses:
         second Ctrl-C or SIGTERM to the build meanwhile is ignored: cutting this short would leave
         them running; the build's handlers are put back afterwards."""
         import signal
+        import threading
 
-        handlers = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+        handlers = {}
+        if threading.current_thread() is threading.main_thread():  # (only there can they be set)
+            handlers = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            self._stop(grace)
+        finally:
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
+
+    def _stop(self, grace: float) -> None:
+        import signal
+
         procs = [proc for proc, _ in self.running.values()]
 
         def send(sig):
@@ -744,16 +789,16 @@ class ChapterProcesses:
 
         send(signal.SIGINT)
         deadline = time.time() + grace
-        for proc in procs:
-            proc.join(max(0.0, deadline - time.time()))
+        # (is_alive asks waitpid; join(timeout) would wait on a pipe that a process forked by the
+        # chapter's process may still hold open)
+        while any(proc.is_alive() for proc in procs) and time.time() < deadline:
+            time.sleep(0.05)
         send(signal.SIGKILL)
         for proc in procs:
             proc.join()
         for conn in self.running:
             conn.close()
         self.running.clear()
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
 
 
 def stage(names: list[str]) -> None:
@@ -848,7 +893,13 @@ def main(argv=None) -> None:
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None
     try:
-        _main(argv)
+        try:
+            _main(argv)
+        except BaseException:  # e.g. a signal between `warm_up` and `execute_all`: no chapter left running
+            for runner in _RUNNERS:
+                if runner.running:
+                    runner.stop()
+            raise
     except ChapterFailed as exc:
         print(f"error: {exc.message}", file=sys.stderr)
         raise SystemExit(exc.status) from None
