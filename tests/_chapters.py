@@ -64,6 +64,40 @@ def tiny_chapter(folder: Path, name: str = "tiny", *cells: str) -> Path:
     return path
 
 
+def model_free_chapter(folder: Path, name: str, *cells: str) -> Path:
+    """folder/<name>.md like `tiny_chapter`'s, but its parameters name no model (`label` in place of
+    `model`, and no check cell): a parallel build starts it before it has loaded the models."""
+    path = tiny_chapter(folder, name)
+    head = path.read_text().replace('model = "smollm2-135m"', 'label = "none"')
+    head = head.split("```{code-cell} ipython3\nfrom catchtag.book.params")[0]
+    path.write_text(head + "".join(f"\n```{{code-cell}} ipython3\n{c.strip()}\n```\n" for c in cells))
+    return path
+
+
+# The build's entry point on a book folder (argv[1]) of chapters "free" and "named", the model
+# loading replaced by a stand-in of argv[2] seconds: like the real one (`warmkernel.prepare`) its
+# first call imports the library, torch included (so kernels are forked warm); then it puts a
+# stand-in model among the preloaded ones and writes the time it finished to argv[3].
+LOADING_STAND_IN = """
+import sys, time
+from pathlib import Path
+from catchtag.book import bookbuild as b, warmkernel
+b.BOOK = Path(sys.argv[1])
+b.chapters_in_toc = lambda: ["free", "named"]
+imports_only = warmkernel.prepare
+def stand_in(names):
+    imports_only([])
+    if names:
+        from catchtag import models
+        time.sleep(float(sys.argv[2]))
+        models._PRELOADED[("stand-in",)] = None
+        Path(sys.argv[3]).write_text(repr(time.time()))
+    return ["stand-in"] if names else []
+warmkernel.prepare = stand_in
+b.main(["--chapter", "free", "--chapter", "named", "--force", "--no-html", "--jobs", "2"])
+"""
+
+
 @dataclasses.dataclass
 class Run:
     folder: Path  # everything the run wrote: build/, results/, config/

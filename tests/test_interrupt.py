@@ -16,7 +16,7 @@ import pytest
 
 from catchtag.book.report import _alive  # a zombie counts as gone
 
-from _chapters import ROOT, tiny_chapter
+from _chapters import LOADING_STAND_IN, ROOT, model_free_chapter, tiny_chapter
 
 # Each chapter reports its kernel's pid and its parent's (the build, or a parallel build's chapter process),
 # then sleeps far longer than the test waits.
@@ -156,24 +156,8 @@ def test_an_abandoned_cell_tasks_error_is_not_printed(caplog):
                         ("papermill", "Kernel didn't respond in 60 seconds", None)], reported
 
 
-# The build with its model loading replaced by a stand-in that takes a minute (torch is imported by
-# the first call, so that the kernels are forked warm), and a chapter that names no model: it starts
-# while the "models" load, and the signal comes then.
-LOADING_DRIVER = """
-import sys, time
-from pathlib import Path
-from catchtag.book import bookbuild as b, warmkernel
-b.BOOK = Path(sys.argv[1])
-b.chapters_in_toc = lambda: ["free", "named"]
-imports_only = warmkernel.prepare
-def stand_in(names):
-    imports_only([])
-    if names:
-        time.sleep(60)
-    return []
-warmkernel.prepare = stand_in
-b.main(["--chapter", "free", "--chapter", "named", "--force", "--no-html", "--jobs", "2"])
-"""
+# The build with its model loading replaced by a stand-in that takes a minute (`LOADING_STAND_IN`),
+# and a chapter that names no model: it starts while the "models" load, and the signal comes then.
 
 
 @pytest.mark.parametrize("sig, group, status, words", [(signal.SIGTERM, False, 143, "terminated"),
@@ -183,13 +167,11 @@ def test_a_build_stopped_while_the_models_load_stops_the_chapter_started_meanwhi
     book, report = tmp_path / "book", tmp_path / "report"
     report.mkdir()
     tiny_chapter(book, "named", "x = 1")
-    (book / "free.md").write_text(
-        (book / "named.md").read_text().replace('model = "smollm2-135m"', 'label = "none"')
-        .split("```{code-cell} ipython3\nfrom catchtag.book.params")[0]
-        + f"```{{code-cell}} ipython3\nREPORT, NAME = {str(report)!r}, 'free'\n{SLEEPER.strip()}\n```\n")
+    model_free_chapter(book, "free", f"REPORT, NAME = {str(report)!r}, 'free'\n{SLEEPER.strip()}")
     env = {**os.environ, "TMPDIR": str(short_tmp), "CATCHTAG_BUILD": str(tmp_path / "build"),
            "CATCHTAG_RESULTS": str(tmp_path / "results"), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-c", LOADING_DRIVER, str(book)], cwd=ROOT, env=env,
+    proc = subprocess.Popen([sys.executable, "-c", LOADING_STAND_IN, str(book), "60", str(tmp_path / "loaded")],
+                            cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     pids = []
     try:

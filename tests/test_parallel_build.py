@@ -15,7 +15,7 @@ import pytest
 from catchtag.book import bookbuild
 from catchtag.book.report import _alive
 
-from _chapters import tiny_chapter
+from _chapters import model_free_chapter, tiny_chapter
 
 # Each chapter writes that it started, then waits (up to a minute) for the other to have started:
 # they finish only when both ran at the same time (with one job the first would time out).
@@ -190,7 +190,7 @@ def test_a_chapter_process_that_dies_or_raises_is_one_line(book, monkeypatch, na
 
 def test_which_chapters_need_no_model(book):
     tiny_chapter(book, "named", "x = 1")  # the common parameters cell names smollm2-135m
-    (book / "free.md").write_text((book / "named.md").read_text().replace('"smollm2-135m"', '"none"'))
+    model_free_chapter(book, "free", "x = 1")
     chosen = {"named": {}, "free": {}}
     assert not bookbuild.needs_no_model("named", chosen) and bookbuild.needs_no_model("free", chosen)
     assert not bookbuild.needs_no_model("free", {"free": {"model": "gemma3-270m"}})  # -p model names one

@@ -18,7 +18,7 @@ import pytest
 
 from catchtag.book import warmkernel
 
-from _chapters import ROOT, tiny_chapter
+from _chapters import LOADING_STAND_IN, ROOT, model_free_chapter, tiny_chapter
 
 # A chapter that reports, before importing anything itself, whether its kernel was forked warm,
 # then compares the model `load_model` hands it first (the preloaded one) with a second, fresh
@@ -238,28 +238,9 @@ def test_only_stale_kernel_socket_folders_are_removed(short_tmp, monkeypatch):
         server.close()
 
 
-# The build with its model loading replaced by a stand-in that takes 10 s: a chapter that names no
-# model must start (and finish) meanwhile, in a kernel forked before any model was there; a chapter
-# naming one starts after, with the stand-in "model" in its kernel.
-EARLY_DRIVER = """
-import sys, time
-from pathlib import Path
-from catchtag.book import bookbuild as b, warmkernel
-b.BOOK = Path(sys.argv[1])
-b.chapters_in_toc = lambda: ["free", "named"]
-imports_only = warmkernel.prepare
-def stand_in(names):  # (torch is imported by the first call: not here, or no kernel is forked warm)
-    imports_only([])
-    if names:
-        from catchtag import models
-        time.sleep(10)
-        models._PRELOADED[("stand-in",)] = None
-        Path(sys.argv[2]).write_text(repr(time.time()))
-    return list(names)
-warmkernel.prepare = stand_in
-b.main(["--chapter", "free", "--chapter", "named", "--force", "--no-html", "--jobs", "2"])
-"""
-
+# The build with its model loading replaced by a stand-in that takes 10 s (`LOADING_STAND_IN`): a
+# chapter that names no model must start (and finish) meanwhile, in a kernel forked before any model
+# was there; a chapter naming one starts after, with the stand-in "model" in its kernel.
 REPORTER = """
 import json, os, sys, time
 from catchtag import models
@@ -272,14 +253,10 @@ def test_a_chapter_that_names_no_model_starts_while_the_models_load(tmp_path, sh
     book, report, loaded = tmp_path / "book", tmp_path / "report", tmp_path / "loaded"
     report.mkdir()
     tiny_chapter(book, "named", f"REPORT, NAME = {str(report)!r}, 'named'", REPORTER)
-    free = book / "free.md"
-    free.write_text((book / "named.md").read_text().replace('model = "smollm2-135m"', 'label = "none"')
-                    .replace("'named'", "'free'").split("```{code-cell} ipython3\nfrom catchtag.book.params")[0]
-                    + f"```{{code-cell}} ipython3\nREPORT, NAME = {str(report)!r}, 'free'\n```\n"
-                    + f"```{{code-cell}} ipython3\n{REPORTER.strip()}\n```\n")
+    model_free_chapter(book, "free", f"REPORT, NAME = {str(report)!r}, 'free'", REPORTER)
     env = {**os.environ, "TMPDIR": str(short_tmp), "CATCHTAG_BUILD": str(tmp_path / "build"),
            "CATCHTAG_RESULTS": str(tmp_path / "results"), "OMP_NUM_THREADS": "1"}
-    out = subprocess.run([sys.executable, "-c", EARLY_DRIVER, str(book), str(loaded)], cwd=ROOT, env=env,
+    out = subprocess.run([sys.executable, "-c", LOADING_STAND_IN, str(book), "10", str(loaded)], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "[book] free: started while the models load" in out.stdout, out.stdout
