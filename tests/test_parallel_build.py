@@ -209,3 +209,63 @@ def test_a_chapter_that_failed_while_the_models_loaded_starts_nothing(book, monk
     with pytest.raises(bookbuild.ChapterFailed, match="chapter 'bad' failed"):
         runner.run(["c1"])
     assert runner.started == ["bad"]
+
+
+def _marks(name, params, force, threads):
+    (bookbuild.BOOK / f"{name}.ran").touch()
+    return name, 0.0, False
+
+
+def test_a_signal_that_came_while_the_build_held_it_is_reported_not_printed(book, monkeypatch, capfd):
+    """A Ctrl-C that reaches a chapter process between its fork and its own handlers is held (the
+    build blocks it across the fork) and delivered when the child restores the mask: the chapter
+    is reported interrupted, not started, and nothing is printed."""
+    import multiprocessing as mp
+
+    monkeypatch.setattr(bookbuild, "_run_chapter", _marks)
+    book.mkdir()
+    receive, send = mp.get_context("fork").Pipe(duplex=False)
+
+    def child():
+        before = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+        os.kill(os.getpid(), signal.SIGINT)  # pending: it came during the hold
+        bookbuild._chapter_process(send, "a", {}, False, 1, before)
+
+    proc = mp.get_context("fork").Process(target=child)
+    proc.start()
+    send.close()
+    status, value = receive.recv()
+    proc.join()
+    assert status == "failed" and isinstance(value, KeyboardInterrupt) and proc.exitcode == 0
+    assert not (book / "a.ran").exists()
+    assert "Traceback" not in capfd.readouterr().err
+
+
+def test_chapter_processes_without_register_at_fork(book, monkeypatch):
+    """Where os.register_at_fork does not exist (Windows, whose chapter processes are spawned and
+    fork nothing), the chapters still run."""
+    monkeypatch.setattr(bookbuild, "_run_chapter", _marks)
+    monkeypatch.delattr(os, "register_at_fork")
+    for n in ("a", "b"):
+        tiny_chapter(book, n, "x = 1")
+    times = bookbuild.execute_all(["a", "b"], {"a": {}, "b": {}}, force=True, jobs=2)
+    assert sorted(t[0] for t in times) == ["a", "b"]
+
+
+def test_main_stops_only_its_own_chapter_processes(monkeypatch):
+    """An exception in one `main` call stops the chapter processes it made, not those of an
+    earlier build (or of another thread's: the list is per thread)."""
+    earlier = bookbuild.ChapterProcesses({}, force=False, jobs=2)
+    stopped = []
+    monkeypatch.setattr(bookbuild.ChapterProcesses, "stop", lambda self, grace=30.0: stopped.append(self))
+    earlier.running = {"a pipe": ("a process", "a")}
+
+    def fails(argv):
+        mine = bookbuild.ChapterProcesses({}, force=False, jobs=2)
+        mine.running = {"another pipe": ("another process", "b")}
+        raise bookbuild.ChapterFailed("chapter 'b' failed", 1)
+
+    monkeypatch.setattr(bookbuild, "_main", fails)
+    with pytest.raises(SystemExit):
+        bookbuild.main([])
+    assert len(stopped) == 1 and stopped[0] is not earlier

@@ -46,6 +46,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -515,43 +516,42 @@ def _stop_once(signum, frame):
     raise KeyboardInterrupt
 
 
-_SIGNALS_HELD = None  # set by `_hold_signals`: the signals held while a chapter process is forked
-
-
 @contextlib.contextmanager
 def _hold_signals():
-    """Hold (block) SIGINT and SIGTERM in this process while a chapter process is forked and
+    """Hold (block) SIGINT and SIGTERM in this thread while a chapter process is forked and
     registered: one arriving then is delivered after, when the build knows the process and can
-    stop it; the child, which inherits the blocked mask, releases them once its own handlers are
-    set (`_chapter_process`), so that no signal finds it with the build's handlers."""
+    stop it. Yields the mask from before (None where signals cannot be held, e.g. Windows), which
+    the child, inheriting the blocked mask, restores once its own handlers are set
+    (`_chapter_process`), so that no signal finds it with the build's handlers."""
     import signal
 
-    if not hasattr(signal, "pthread_sigmask"):  # Windows: nothing to hold
-        yield
+    if not hasattr(signal, "pthread_sigmask"):
+        yield None
         return
-    held = {signal.SIGINT, signal.SIGTERM}
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
     try:
-        yield
+        yield previous
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
-def _chapter_process(conn, name: str, params: dict, force: bool, threads: int) -> None:
+def _chapter_process(conn, name: str, params: dict, force: bool, threads: int, mask=None) -> None:
     """A parallel build's chapter process (forked from the build when the chapter starts, so it has
     whatever the build had loaded then): execute the chapter and send ("done", (name, seconds,
-    reused)) or ("failed", ChapterFailed or KeyboardInterrupt) to the build."""
+    reused)) or ("failed", ChapterFailed or KeyboardInterrupt) to the build. `mask`: the signal
+    mask to restore (the build held SIGINT and SIGTERM across the fork: `_hold_signals`)."""
     import signal
 
-    # a process forked from this one (the chapter's warm kernel) must not hold the build's pipe
-    # open: the build learns that this process died from the pipe's end of file
-    os.register_at_fork(after_in_child=conn.close)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the build's handler, inherited through fork
-    signal.signal(signal.SIGINT, _stop_once)
-    if hasattr(signal, "pthread_sigmask"):  # held by the build across the fork (`_hold_signals`)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
     try:
         try:
+            if hasattr(os, "register_at_fork"):  # (not on Windows, where nothing is forked)
+                # a process forked from this one (the chapter's warm kernel) must not hold the
+                # build's pipe open: the build learns that this process died from its end of file
+                os.register_at_fork(after_in_child=conn.close)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the build's handler, inherited through fork
+            signal.signal(signal.SIGINT, _stop_once)
+            if mask is not None:  # a signal that came during the hold is delivered here, to _stop_once
+                signal.pthread_sigmask(signal.SIG_SETMASK, mask)
             os.environ["OMP_NUM_THREADS"] = str(threads)  # read by torch in the chapter's kernel
             message = ("done", _run_chapter(name, params, force, threads))
         finally:
@@ -681,7 +681,14 @@ def _registry_models(names: list[str], chosen: dict) -> list[str]:
     return list(dict.fromkeys(found))
 
 
-_RUNNERS: list = []  # every `ChapterProcesses` of this process, for `main` to stop what still runs
+_RUNNERS = threading.local()  # .made: every `ChapterProcesses` of this thread, for `main` to stop what still runs
+
+
+def _made_here() -> list:
+    """The `ChapterProcesses` made in this thread so far (oldest first)."""
+    if not hasattr(_RUNNERS, "made"):
+        _RUNNERS.made = []
+    return _RUNNERS.made
 
 
 class ChapterProcesses:
@@ -701,15 +708,15 @@ class ChapterProcesses:
         self.started: list[str] = []
         self.times: list[tuple[str, float, bool]] = []
         self.failure: ChapterFailed | None = None
-        _RUNNERS.append(self)
+        _made_here().append(self)
 
     def start(self, name: str) -> None:
         if not self.started:
             print(f"[book] executing chapters up to {self.jobs} at once, {self.threads} thread(s) each", flush=True)
         receive, send = self.ctx.Pipe(duplex=False)
-        proc = self.ctx.Process(target=_chapter_process, name=f"chapter {name}",
-                                args=(send, name, self.chosen[name], self.force, self.threads))
-        with _hold_signals():  # a Ctrl-C or SIGTERM now is handled once `stop` can see the process
+        with _hold_signals() as mask:  # a Ctrl-C or SIGTERM now is handled once `stop` can see the process
+            proc = self.ctx.Process(target=_chapter_process, name=f"chapter {name}",
+                                    args=(send, name, self.chosen[name], self.force, self.threads, mask))
             proc.start()
             send.close()  # the child's end: EOF here when the child exits
             self.running[receive] = (proc, name)
@@ -765,7 +772,6 @@ class ChapterProcesses:
         second Ctrl-C or SIGTERM to the build meanwhile is ignored: cutting this short would leave
         them running; the build's handlers are put back afterwards."""
         import signal
-        import threading
 
         handlers = {}
         if threading.current_thread() is threading.main_thread():  # (only there can they be set)
@@ -887,16 +893,16 @@ def _on_sigterm(signum, frame):
 
 def main(argv=None) -> None:
     import signal
-    import threading
 
     # signal handlers can be set only in the main thread (an in-process caller may use another)
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None
+    made_before = len(_made_here())
     try:
         try:
             _main(argv)
         except BaseException:  # e.g. a signal between `warm_up` and `execute_all`: no chapter left running
-            for runner in _RUNNERS:
+            for runner in _made_here()[made_before:]:  # (this call's own: not an earlier build's)
                 if runner.running:
                     runner.stop()
             raise
