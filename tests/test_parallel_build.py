@@ -77,7 +77,7 @@ def test_a_failing_chapter_stops_the_parallel_build_with_its_status(book):
     assert not (bookbuild.EXECUTED / "bad.ipynb").exists()
 
 
-def _fake_chapter(name, params, force, threads):
+def _fake_chapter(name, params, force):
     import time
 
     (bookbuild.BOOK / f"{name}.ran").touch()
@@ -141,7 +141,7 @@ def test_jobs_flag_refuses_zero(capsys):
     assert "not a number of chapters >= 1" in capsys.readouterr().err
 
 
-def _dies(name, params, force, threads):
+def _dies(name, params, force):
     import time
 
     if name == "forks":  # a process forked by the chapter's (as its warm kernel is) outlives it
@@ -211,7 +211,7 @@ def test_a_chapter_that_failed_while_the_models_loaded_starts_nothing(book, monk
     assert runner.started == ["bad"]
 
 
-def _marks(name, params, force, threads):
+def _marks(name, params, force):
     (bookbuild.BOOK / f"{name}.ran").touch()
     return name, 0.0, False
 

@@ -297,7 +297,7 @@ class _KernelDeathNoise:
     cleanup then runs the event loop again, the abandoned cell task may see the kernel gone
     (DeadKernelError) or its interrupted reply (CellExecutionError) and end with an error that
     asyncio prints, traceback and all, when the task is collected: whether it does is a race
-    between the cleanup and nbclient's one-second liveness poll (one Ctrl-C test in twelve).
+    between the cleanup and nbclient's one-second liveness poll (one run of the Ctrl-C test in 13).
     Other records pass."""
 
     def filter(self, record) -> bool:
@@ -553,7 +553,7 @@ def _chapter_process(conn, name: str, params: dict, force: bool, threads: int, m
             if mask is not None:  # a signal that came during the hold is delivered here, to _stop_once
                 signal.pthread_sigmask(signal.SIG_SETMASK, mask)
             os.environ["OMP_NUM_THREADS"] = str(threads)  # read by torch in the chapter's kernel
-            message = ("done", _run_chapter(name, params, force, threads))
+            message = ("done", _run_chapter(name, params, force))
         finally:
             signal.signal(signal.SIGINT, signal.SIG_IGN)  # the chapter is over: only its report is left
     except (ChapterFailed, KeyboardInterrupt) as exc:
@@ -565,7 +565,7 @@ def _chapter_process(conn, name: str, params: dict, force: bool, threads: int, m
     conn.close()
 
 
-def _run_chapter(name: str, params: dict, force: bool, threads: int) -> tuple[str, float, bool]:
+def _run_chapter(name: str, params: dict, force: bool) -> tuple[str, float, bool]:
     """What a chapter's process runs (a seam for tests)."""
     return _execute_logged(name, params, force)
 
@@ -632,17 +632,12 @@ def warm_up(names: list[str], chosen: dict, force: bool, jobs: int = 1) -> "Chap
     warmkernel.prepare([])  # the library only
     runner = None
     regular = _regular(pending)
-    try:
-        if warmkernel.ready() and _in_parallel(regular, jobs):
-            runner = ChapterProcesses(chosen, force, jobs)
-            for name in [n for n in regular if needs_no_model(n, chosen)][:jobs - 1]:
-                runner.start(name)
-                print(f"[book] {name}: started while the models load (it names none)", flush=True)
-        loaded = warmkernel.prepare(_registry_models(pending, chosen))
-    except BaseException:  # Ctrl-C or SIGTERM while loading: stop what runs already
-        if runner is not None:
-            runner.stop()
-        raise
+    if warmkernel.ready() and _in_parallel(regular, jobs):
+        runner = ChapterProcesses(chosen, force, jobs)  # (stopped by `main` if loading is interrupted)
+        for name in [n for n in regular if needs_no_model(n, chosen)][:jobs - 1]:
+            runner.start(name)
+            print(f"[book] {name}: started while the models load (it names none)", flush=True)
+    loaded = warmkernel.prepare(_registry_models(pending, chosen))
     if warmkernel.ready():
         print(f"[book] warm kernels: library imported and {', '.join(loaded) or 'no model'} loaded in "
               f"{time.time() - start:.0f} s, once for every chapter", flush=True)
@@ -751,12 +746,13 @@ class ChapterProcesses:
         try:
             status, value = conn.recv()
         except Exception:  # died before it could report (EOF): killed (the OOM killer), or crashed
-            proc.join()
+            status, value = "died", None
+        conn.close()
+        proc.join()
+        if status == "died":
             status, value = "failed", ChapterFailed(
                 f"chapter {name!r}: the process executing it died (exit status {proc.exitcode}; killed, or "
                 f"out of memory?); the executed copy is not kept; rerun it with `make chapter CH={name}`")
-        conn.close()
-        proc.join()
         if status == "done":
             self.times.append(value)
         elif isinstance(value, KeyboardInterrupt):  # a signal reached this chapter only: the build stops
