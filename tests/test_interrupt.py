@@ -121,7 +121,7 @@ def test_a_chapter_whose_kernel_dies_is_one_line(tmp_path, short_tmp):
 
 def test_an_abandoned_cell_tasks_error_is_not_printed(caplog):
     """After Ctrl-C, papermill's kernel cleanup runs the event loop again and the abandoned cell task
-    may end with DeadKernelError (the race behind one Ctrl-C run in twelve printing a traceback):
+    may end with DeadKernelError (the race behind one Ctrl-C run in 13 printing a traceback):
     asyncio's report of it and nbclient's "Kernel died" line are dropped; other reports are not."""
     import asyncio
     import gc
