@@ -37,6 +37,35 @@ b.main(["--chapter", "a", "--chapter", "b", "--force", "--no-html", "--jobs", sy
 """
 
 
+def _stopped(proc, status: int, words: str, pids: list[dict]) -> tuple[str, str]:
+    """The build's output after the signal, checked: its status, its last line, no traceback, and
+    every kernel and chapter process in `pids` (their reports) gone soon after."""
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == status, err[-2000:]
+    assert err.strip().splitlines()[-1].startswith(f"error: {words}"), err[-2000:]
+    assert "Traceback" not in err, err[-3000:]
+    gone = [p for r in pids for p in (r["pid"], r["ppid"])]
+    for _ in range(50):
+        if not any(_alive(p) for p in gone):
+            break
+        time.sleep(0.2)
+    assert not [p for p in gone if _alive(p)], "a chapter's kernel or chapter process outlived the build"
+    return out, err
+
+
+def _kill_left(proc, pids: list[dict]) -> None:
+    """What a failing run may have left: the build's process group, the kernels and chapter processes."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+    for r in pids:
+        for p in (r["pid"], r["ppid"]):
+            try:
+                os.kill(p, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+
+
 @pytest.mark.parametrize("jobs, sig, group, status, words, idle, twice", [
     (2, signal.SIGTERM, False, 143, "terminated", False, False),
     (2, signal.SIGINT, True, 130, "interrupted", False, False),
@@ -62,6 +91,7 @@ def test_a_stopped_build_stops_its_chapters_and_leaves_nothing(tmp_path, short_t
     env.pop("OMP_NUM_THREADS", None)
     proc = subprocess.Popen([sys.executable, "-c", DRIVER, str(book), str(jobs)], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    pids = []
     try:
         want = 2 if jobs == 2 else 1
         deadline = time.time() + 120
@@ -76,30 +106,14 @@ def test_a_stopped_build_stops_its_chapters_and_leaves_nothing(tmp_path, short_t
         for _ in range(2 if twice else 1):
             os.killpg(proc.pid, sig) if group else os.kill(proc.pid, sig)
             time.sleep(0.02)
-        out, err = proc.communicate(timeout=60)
-        assert proc.returncode == status, err[-2000:]
-        assert err.strip().splitlines()[-1].startswith(f"error: {words}"), err[-2000:]
-        assert "Traceback" not in err, err[-3000:]
-        gone = [p for r in pids for p in (r["pid"], r["ppid"])]
-        for _ in range(50):
-            if not any(_alive(p) for p in gone):
-                break
-            time.sleep(0.2)
-        assert not [p for p in gone if _alive(p)], "a chapter's kernel or chapter process outlived the build"
+        out, err = _stopped(proc, status, words, pids)
         kept = sorted(p.name for p in (tmp_path / "build").glob("executed/*.ipynb"))
         assert kept == (["a.ipynb"] if idle else []), f"kept {kept}: a stopped chapter was kept, or a finished one lost"
         # (a second Ctrl-C reaches the chapter processes while papermill shuts their kernels down:
         # they ignore it, so that the cleanup is not cut short)
         assert not list(sockets.glob("catchtag-kernel-*")), "a kernel's socket folder outlived the build:\n" + err[-3000:]
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        for r in locals().get("pids", []):   # what a failing run may have left
-            for p in (r["pid"], r["ppid"]):
-                try:
-                    os.kill(p, signal.SIGKILL)
-                except (ProcessLookupError, PermissionError):
-                    pass
+        _kill_left(proc, pids)
 
 
 def test_a_chapter_whose_kernel_dies_is_one_line(tmp_path, short_tmp):
@@ -182,25 +196,9 @@ def test_a_build_stopped_while_the_models_load_stops_the_chapter_started_meanwhi
         time.sleep(0.5)
         pids = [json.loads((report / "free.json").read_text())]
         os.killpg(proc.pid, sig) if group else os.kill(proc.pid, sig)
-        out, err = proc.communicate(timeout=60)
-        assert proc.returncode == status, err[-2000:]
-        assert err.strip().splitlines()[-1].startswith(f"error: {words}"), err[-2000:]
-        assert "Traceback" not in err, err[-3000:]
+        out, err = _stopped(proc, status, words, pids)
         assert "free: started while the models load" in out, out
-        gone = [pids[0]["pid"], pids[0]["ppid"]]
-        for _ in range(50):
-            if not any(_alive(p) for p in gone):
-                break
-            time.sleep(0.2)
-        assert not [p for p in gone if _alive(p)], "the chapter's kernel or process outlived the build"
         assert not list((tmp_path / "build").glob("executed/*.ipynb"))
         assert not list(short_tmp.glob("catchtag-kernel-*")), err[-3000:]
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        for r in pids:
-            for p in (r["pid"], r["ppid"]):
-                try:
-                    os.kill(p, signal.SIGKILL)
-                except (ProcessLookupError, PermissionError):
-                    pass
+        _kill_left(proc, pids)
