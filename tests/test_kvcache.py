@@ -162,6 +162,12 @@ def test_parameters():
         kv.check_run(0, 64, "16")
     with pytest.raises(CatchtagError, match="chunk_tokens"):
         kv.check_run(2, 8, "16")
+    assert kv.check_dtype("bfloat16") == "bfloat16" and kv.check_dtype("float32") == "float32"
+    for bad in ("float16", "bf16", None, 32):
+        with pytest.raises(CatchtagError, match=r"dtype=.* is not valid: use one of float32, bfloat16"):
+            kv.check_dtype(bad)
+    with pytest.raises(CatchtagError, match="dtype="):
+        kv.check_run(2, 64, "16", "half")
 
 
 def test_text_is_utf8_or_refused(tmp_path):
@@ -278,6 +284,50 @@ def test_full_pass_cache_is_every_budget_prefix():
     assert cache.layers[0].keys.shape[-2] == 40           # the full cache is not changed
     with pytest.raises(CatchtagError, match="fewer than"):
         kv.cache_prefix(pre, 13)
+
+
+def test_bfloat16_model_gets_bfloat16_masks_and_close_numbers():
+    """The `dtype` parameter: a bfloat16 model gets its masks in bfloat16 (the mask path and the
+    cache path) and the shared forwards still equal one pass per policy; its numbers differ from
+    float32's by bfloat16 rounding only."""
+    m = _tiny_llama()
+    T, B = 40, 12
+    ids = list(np.random.default_rng(2).integers(0, 50, T))
+    rows = kv.policy_rows("streaming", T, B).rows
+    assert kv.eviction_mask(m, rows).dtype == torch.float32
+    _, _, cache32 = kv.full_pass(m, ids, keep_cache=True)
+    ref32 = kv.policy_nll(m, ids, {"streaming": kv.policy_rows("streaming", T, B)}, B, cache32)["streaming"]
+    m.hf.to(torch.bfloat16)
+    mask = kv.eviction_mask(m, rows, B)
+    assert mask.dtype == torch.bfloat16 and mask[0, 0, 0, 4] == torch.finfo(torch.bfloat16).min   # query B drops key 4
+    logits, scores, cache = kv.full_pass(m, ids, keep_cache=True)
+    assert logits.dtype == torch.float32 and scores.dtype == torch.float32
+    kept = {"window": kv.policy_rows("window", T, B), "streaming": kv.policy_rows("streaming", T, B)}
+    got = kv.policy_nll(m, ids, kept, B, cache)
+    for p, k in kept.items():
+        one = kv.nll(kv.masked_logits(m, ids, k.rows, B, kv.prefix_cache(m, ids, B)), ids, B)
+        assert torch.allclose(got[p], one, atol=2e-2), p
+    decoded = kv.decode_logits(m, ids, rows)
+    assert torch.allclose(decoded[B:], kv.masked_logits(m, ids, rows)[B:], atol=5e-2)
+    assert torch.allclose(got["streaming"], ref32, atol=5e-2)          # bfloat16 rounding, no more
+    assert not torch.equal(got["streaming"], ref32)
+
+
+@pytest.mark.slow
+def test_bfloat16_perplexities_stay_close_to_float32(any_model):
+    """`-p dtype bfloat16` on a real model: every policy's perplexity on a Hamlet chunk within 2% of
+    float32's (PERFORMANCE.md, round 7, measured 0.2-0.6% on the chapter's default run, 2.3% at
+    most for the window policy)."""
+    from catchtag.models import load_model
+
+    low = load_model(any_model.name, dtype="bfloat16")
+    assert next(low.hf.parameters()).dtype == torch.bfloat16
+    ids = kv.chunk_ids(any_model.tokenizer, kv.load_text("hamlet"), 1, 160)[0]
+    a = {r["policy"]: r for r in kv.run_chunk(any_model, ids, [48], 0.2)}
+    b = {r["policy"]: r for r in kv.run_chunk(low, ids, [48], 0.2)}
+    for p in kv.POLICIES:
+        assert abs(b[p]["ppl"] / a[p]["ppl"] - 1) < 0.02, (p, a[p]["ppl"], b[p]["ppl"])
+    assert any(b[p]["ppl"] != a[p]["ppl"] for p in kv.POLICIES)       # it did run in bfloat16
 
 
 def test_nll_is_minus_log_softmax_at_the_next_token():

@@ -75,6 +75,7 @@ NLL_ROWS = 8         # rows of logits per logsumexp block in `nll`
 N_FIRST = 4          # StreamingLLM's attention sinks (Xiao et al. 2024)
 SINK_SHARE = 0.25    # (ours) at most a quarter of the budget goes to protected tokens in (c)-(e)
 BOUNDARY = ("punctuation", "newline")
+DTYPES = ("float32", "bfloat16")   # the chapter's `dtype` (`check_dtype`)
 
 # --------------------------------------------------------------------------------------------------
 # Text
@@ -179,8 +180,21 @@ def parse_budgets(budgets, chunk_tokens: int) -> list[int]:
     return sorted(set(out))
 
 
-def check_run(n_chunks: int, chunk_tokens: int, budgets) -> list[int]:
-    """The chapter's sizes checked together; returns the budgets as `parse_budgets` does."""
+def check_dtype(dtype) -> str:
+    """The chapter's arithmetic, checked: "float32" (default: the weights as dequantized from their
+    GGUF files) or "bfloat16" (weights and activations rounded to bfloat16, as the models are
+    released and usually run on GPUs: about 2.5x faster on CPUs with AMX or AVX512-BF16 units,
+    slower on CPUs without them; on the chapter's default run the perplexities moved by under 1%,
+    the window policy's by up to 2%: PERFORMANCE.md, round 7). Anything else is one CatchtagError."""
+    if dtype not in DTYPES:
+        raise CatchtagError(f"dtype={dtype!r} is not valid: use one of {', '.join(DTYPES)} (-p dtype bfloat16)")
+    return dtype
+
+
+def check_run(n_chunks: int, chunk_tokens: int, budgets, dtype: str = "float32") -> list[int]:
+    """The chapter's sizes and `dtype` (`check_dtype`) checked together; returns the budgets as
+    `parse_budgets` does."""
+    check_dtype(dtype)
     if n_chunks < 1:
         raise CatchtagError(f"n_chunks={n_chunks} is not valid: use at least 1 chunk (2 or more for intervals)")
     if chunk_tokens < 32:
@@ -397,14 +411,20 @@ def sink_share_of_kept(rows: torch.Tensor, scores: torch.Tensor, eps: float, sta
 # The mask path
 
 
+def _model_dtype(hf) -> torch.dtype:
+    """The dtype of the model's weights (float32 when it has none, as a stand-in in a test)."""
+    return next((p.dtype for p in hf.parameters()), torch.float32) if hasattr(hf, "parameters") else torch.float32
+
+
 def _layer_types(hf) -> list[str] | None:
     types = getattr(hf.config, "layer_types", None)
     return list(types) if types and "sliding_attention" in types else None
 
 
-def eviction_mask(model, rows: torch.Tensor, start: int = 0, dtype=torch.float32):
+def eviction_mask(model, rows: torch.Tensor, start: int = 0, dtype=None):
     """The attention mask that hides evicted keys from queries start..T-1: an additive
-    (1, 1, T - start, T) tensor (0 kept, the dtype's minimum evicted), or for models with
+    (1, 1, T - start, T) tensor in `dtype` (default: the model's, so that a bfloat16 model gets a
+    bfloat16 mask; 0 kept, the dtype's minimum evicted), or for models with
     sliding-window layers (Gemma-3) the dict {"full_attention": m, "sliding_attention": m AND
     (i - k < sliding_window)} that their forward accepts in place of the masks it would build (a
     single 4-D tensor would be used for both kinds of layer, letting sliding layers see keys beyond
@@ -418,6 +438,7 @@ def eviction_mask(model, rows: torch.Tensor, start: int = 0, dtype=torch.float32
     if torch.triu(rows, 1).any():
         raise CatchtagError("rows keep a key after its query: the mask must be causal")
     hf = model.hf if hasattr(model, "hf") else model
+    dtype = dtype or _model_dtype(hf)
     low = torch.finfo(dtype).min
     keep = rows[start:]
 
@@ -611,16 +632,17 @@ def decode_logits(model, ids: Sequence[int], rows: torch.Tensor) -> torch.Tensor
     types = _layer_types(hf)
     window = int(hf.config.sliding_window) if types else None
     cache = BoundedCache.make(hf, rows)
+    dtype = _model_dtype(hf)
     out = []
     for i, t in enumerate(ids):
         n_full = int(rows[i, : i + 1].sum())
         if types is None:
-            mask = torch.zeros(1, 1, 1, n_full)
+            mask = torch.zeros(1, 1, 1, n_full, dtype=dtype)
         else:
             lo = max(0, i - window + 1)
             n_slide = int(rows[i, lo: i + 1].sum())
-            mask = {"full_attention": torch.zeros(1, 1, 1, n_full),
-                    "sliding_attention": torch.zeros(1, 1, 1, n_slide)}
+            mask = {"full_attention": torch.zeros(1, 1, 1, n_full, dtype=dtype),
+                    "sliding_attention": torch.zeros(1, 1, 1, n_slide, dtype=dtype)}
         o = hf(torch.tensor([[int(t)]]), attention_mask=mask, position_ids=torch.tensor([[i]]),
                cache=cache, use_cache=True)
         out.append(o.logits[0, -1].float())
