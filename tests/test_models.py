@@ -98,6 +98,31 @@ def test_cache_is_written_then_corrupt_entry_rebuilt(monkeypatch, tmp_path):
     assert not cache_entry_valid(entry)
 
 
+@pytest.mark.slow
+def test_bfloat16_load_is_the_same_first_time_cached_and_uncached(monkeypatch, tmp_path):
+    """`load_model(dtype="bfloat16")` gives the same model whether it converts the GGUF file (first
+    load, writing the cache), reads the cache, or bypasses it: weights in bfloat16, RoPE's inverse
+    frequencies in float32 as transformers builds them (a `model.to(bfloat16)` would round them too,
+    and the first load's numbers would differ from every later one's), the same logits bit for bit."""
+    monkeypatch.setenv("CATCHTAG_CACHE", str(tmp_path))
+    first = load_model("smollm2-135m", dtype="bfloat16")
+    assert cache_entry_valid(models.cache_dir_for(REGISTRY["smollm2-135m"].sha256))
+    cached = load_model("smollm2-135m", dtype="bfloat16")
+    ids = torch.tensor([first.tokenize("Hello world, this is a test of the cache.")])
+    with torch.no_grad():
+        ref = first.hf(ids).logits
+        for m in (first, cached):
+            assert next(m.hf.parameters()).dtype == torch.bfloat16
+            assert m.hf.model.rotary_emb.inv_freq.dtype == torch.float32
+            assert torch.equal(m.hf(ids).logits, ref)
+    # Without the cache, transformers is asked for the dtype itself (a GGUF load with it: the same
+    # casts; not run here, a third conversion of the file would double the test's time)
+    asked = []
+    monkeypatch.setattr(models, "_load_hf", lambda source, dtype, *a, **kw: asked.append((dtype, kw)) or (first.hf, first.tokenizer))
+    assert load_model("smollm2-135m", dtype="bfloat16", use_cache=False).hf is first.hf
+    assert asked == [(torch.bfloat16, {"gguf_file": REGISTRY["smollm2-135m"].filename})]
+
+
 def test_attention_implementation_choice():
     from transformers import Gemma2Config, GptOssConfig, LlamaConfig
 

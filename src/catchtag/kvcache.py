@@ -182,9 +182,9 @@ def parse_budgets(budgets, chunk_tokens: int) -> list[int]:
 
 def check_dtype(dtype) -> str:
     """The chapter's arithmetic, checked: "float32" (default: the weights as dequantized from their
-    GGUF files) or "bfloat16" (weights and activations rounded to bfloat16, as the models are
-    released and usually run on GPUs: about 2.5x faster on CPUs with AMX or AVX512-BF16 units,
-    slower on CPUs without them; on the chapter's default run the perplexities moved by under 1%,
+    GGUF files) or "bfloat16" (those weights and the activations rounded to bfloat16, as models are
+    usually run on GPUs: the chapter ran 2.3x faster on a CPU with AMX units and is expected to be
+    slower on CPUs without bfloat16 units; on its defaults the perplexities moved by under 0.5%,
     the window policy's by up to 2%: PERFORMANCE.md, round 7). Anything else is one CatchtagError."""
     if dtype not in DTYPES:
         raise CatchtagError(f"dtype={dtype!r} is not valid: use one of {', '.join(DTYPES)} (-p dtype bfloat16)")
@@ -768,16 +768,23 @@ def run_model(model, text: str, n_chunks: int, chunk_tokens: int, budgets: Seque
               seed: int = 0, sink_share: float = SINK_SHARE, show_progress: bool = True) -> list[dict]:
     """The chapter's sweep for one loaded model: `chunk_ids` of `text`, then `run_chunk` on each
     chunk (chunk c seeds its random policies with (seed, c)). One record per (chunk, budget,
-    policy), the `run_chunk` columns plus "chunk"."""
+    policy), the `run_chunk` columns plus "chunk" and "dtype" (of the model's weights)."""
     from .progress import progress
 
     chunks = chunk_ids(model.tokenizer, text, n_chunks, chunk_tokens)
+    dtype = str(_model_dtype(model.hf)).removeprefix("torch.")
     bar = progress(None, desc=model.name, total=len(chunks) * len(budgets) * len(POLICIES), enabled=show_progress)
     try:
-        return [dict(r, chunk=c) for c, ids in enumerate(chunks)
+        return [dict(r, chunk=c, dtype=dtype) for c, ids in enumerate(chunks)
                 for r in run_chunk(model, ids, budgets, eps, seed, sink_share, progress=bar, chunk=c)]
     finally:
         bar.close()
+
+
+def run_dtype(records: dict) -> str:
+    """The arithmetic the sweep ran in, read from its records ({model: `run_model` records}, each
+    with the "dtype" of the model's weights): "float32", "bfloat16", or both joined by " and "."""
+    return " and ".join(dict.fromkeys(r["dtype"] for rows in records.values() for r in rows))
 
 
 def ratio_text(diff: float, lo: float, hi: float) -> str:
