@@ -543,10 +543,15 @@ def _load_offline(name, path: Path, dtype, attn_implementation, use_cache):
             # Another dtype is loaded from the entry just written, exactly as every later call will
             # load it: transformers casts the weights and builds the buffers itself (RoPE's inverse
             # frequencies stay float32), where `model.to(dtype)` would round those buffers too and
-            # a first load would give other numbers than the next ones.
-            loaded = _load_cached(folder, torch_dtype, attn_implementation)
+            # a first load would give other numbers than the next ones. Should the entry be gone
+            # or replaced meanwhile (another process), the GGUF file is loaded in that dtype.
+            del model
+            try:
+                loaded = _load_cached(folder, torch_dtype, attn_implementation)
+            except OSError:
+                loaded = None
             if loaded is None:
-                loaded = _load_hf(str(folder), torch_dtype, attn_implementation, False)
+                loaded = _load_hf(str(path.parent), torch_dtype, attn_implementation, False, gguf_file=path.name)
             model, tok = loaded
     return model, tok, digest
 
