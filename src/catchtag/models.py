@@ -531,28 +531,29 @@ def _load_offline(name, path: Path, dtype, attn_implementation, use_cache):
             if loaded is None:
                 loaded = _load_hf(str(folder), torch_dtype, attn_implementation, False)
             return loaded[0], loaded[1], digest
-        if not use_cache and torch_dtype != torch.float32:
-            model, tok = _load_hf(str(path.parent), torch_dtype, attn_implementation, False, gguf_file=path.name)
-            return model, tok, digest
-        model, tok = _load_hf(
-            str(path.parent), torch.float32, attn_implementation, False, gguf_file=path.name
-        )
-        if use_cache:
-            _write_cache(folder, model, tok)
-        if torch_dtype != torch.float32:
+        if use_cache or torch_dtype == torch.float32:
+            model, tok = _load_hf(
+                str(path.parent), torch.float32, attn_implementation, False, gguf_file=path.name
+            )
+            if use_cache:
+                _write_cache(folder, model, tok)
+            if torch_dtype == torch.float32:
+                return model, tok, digest
             # Another dtype is loaded from the entry just written, exactly as every later call will
             # load it: transformers casts the weights and builds the buffers itself (RoPE's inverse
             # frequencies stay float32), where `model.to(dtype)` would round those buffers too and
             # a first load would give other numbers than the next ones. Should the entry be gone
-            # or replaced meanwhile (another process), the GGUF file is loaded in that dtype.
+            # or replaced meanwhile (another process), the GGUF file is loaded in that dtype below.
             del model
             try:
                 loaded = _load_cached(folder, torch_dtype, attn_implementation)
             except OSError:
                 loaded = None
-            if loaded is None:
-                loaded = _load_hf(str(path.parent), torch_dtype, attn_implementation, False, gguf_file=path.name)
-            model, tok = loaded
+            if loaded is not None:
+                return loaded[0], loaded[1], digest
+        # another dtype without the cache (or its entry unreadable): transformers loads the GGUF file
+        # in that dtype itself (the same casts: the same logits bit for bit, PERFORMANCE.md round 7)
+        model, tok = _load_hf(str(path.parent), torch_dtype, attn_implementation, False, gguf_file=path.name)
     return model, tok, digest
 
 
