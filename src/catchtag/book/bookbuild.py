@@ -676,7 +676,7 @@ def _registry_models(names: list[str], chosen: dict) -> list[str]:
     return list(dict.fromkeys(found))
 
 
-_RUNNERS = threading.local()  # .made: every `ChapterProcesses` of this thread, for `main` to stop what still runs
+_RUNNERS = threading.local()  # .made: the `ChapterProcesses` of this thread, for `main` to stop what still runs
 
 
 def _made_here() -> list:
@@ -912,6 +912,7 @@ def main(argv=None) -> None:
         print("error: interrupted", file=sys.stderr)
         raise SystemExit(130) from None
     finally:
+        del _made_here()[made_before:]  # this call's runners run nothing any more: not kept past it
         if main_thread:
             signal.signal(signal.SIGTERM, previous)
 
